@@ -1,0 +1,1 @@
+"""Exporters, one module per device runtime (installed as `ondevice_lora.exporters`)."""

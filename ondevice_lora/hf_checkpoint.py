@@ -1,0 +1,75 @@
+"""Read and write Hugging Face model directories: config.json, safetensors weights, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import OdloraError
+
+
+def read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise OdloraError(f"{path}: no such directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise OdloraError(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as e:
+        raise OdloraError(f"{config_file}: invalid JSON ({e})") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory, single-file or sharded (with index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise OdloraError(f"{index}: not a safetensors index ({e})") from None
+        files = [path / s for s in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise OdloraError(f"{index}: shard {missing[0]} is missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise OdloraError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not loaded)")
+    return files
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for name in sf.keys():
+                    tensors[name] = sf.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise OdloraError(f"{f}: corrupt safetensors file ({e})") from None
+    return tensors
+
+
+def write_model_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor], tokenizer) -> None:
+    """Write a complete model directory atomically: build it beside `out`, then rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

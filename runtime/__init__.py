@@ -1,0 +1,1 @@
+"""What runs on the device (installed as `ondevice_lora.runtime`)."""
