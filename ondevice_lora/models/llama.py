@@ -281,9 +281,9 @@ class Model(nn.Module):
     def hidden_states(self, tokens, input_pos=None, segment_ids=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim), before the LM head."""
         positions, mask = self._positions_and_mask(tokens, input_pos, segment_ids)
-        cos = self.rope_cos[positions][:, None]  # (B or 1, 1, T, hd)
-        sin = self.rope_sin[positions][:, None]
-        x = self.model.embed_tokens(tokens)
+        x = self.model.embed_tokens(tokens)  # (B, T, dim)
+        cos = self.rope_cos[positions][:, None].to(x.dtype)  # (B or 1, 1, T, hd)
+        sin = self.rope_sin[positions][:, None].to(x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.model.norm(x)

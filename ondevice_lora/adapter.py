@@ -1,0 +1,260 @@
+"""Adapters on disk and in memory: PEFT's format plus our `odlora.json`, blending and merging.
+
+An adapter directory holds
+
+    adapter_config.json         PEFT's LoraConfig (PEFT loads our adapters as its own)
+    adapter_model.safetensors   `base_model.model.<module>.lora_A.weight` (r, in) / `lora_B.weight` (out, r)
+    odlora.json                 base fingerprint, rank, targets, data statistics, metrics, tool version
+
+Adapters trained by PEFT (no odlora.json) load too; they carry no base fingerprint, so joins
+check every tensor's name and shape against the base instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .errors import OdloraError
+from .lora import LoRALinear, LoraConfig, lora_layers, lora_scaling
+
+PEFT_PREFIX = "base_model.model."
+KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight")
+
+
+@dataclass
+class Adapter:
+    """LoRA factors per module: ΔW[name] = scalings[name] · B @ A, all in fp32."""
+
+    A: dict[str, torch.Tensor]  # name -> (r, in)
+    B: dict[str, torch.Tensor]  # name -> (out, r)
+    scalings: dict[str, float]
+    config: LoraConfig
+    meta: dict = field(default_factory=dict)  # the odlora.json content
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        return self.meta.get("base_fingerprint")
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for a in self.A.values())
+
+    def delta(self, name: str) -> torch.Tensor:
+        return self.scalings[name] * (self.B[name].float() @ self.A[name].float())
+
+    def n_params(self) -> int:
+        return sum(a.numel() + self.B[n].numel() for n, a in self.A.items())
+
+
+# -- from and onto a model ------------------------------------------------------------------
+
+def adapter_from_model(model: nn.Module, config: LoraConfig, meta: dict) -> Adapter:
+    layers = lora_layers(model)
+    return Adapter(
+        A={n: m.lora_A.weight.detach().float().clone() for n, m in layers.items()},
+        B={n: m.lora_B.weight.detach().float().clone() for n, m in layers.items()},
+        scalings={n: m.scaling for n, m in layers.items()},
+        config=config,
+        meta=meta,
+    )
+
+
+def attach_adapter(model: nn.Module, adapter: Adapter) -> None:
+    """Wrap each adapted linear of `model` in a LoRALinear holding the adapter's factors."""
+    for name, a in adapter.A.items():
+        try:
+            base_layer = model.get_submodule(name)
+        except AttributeError:
+            raise OdloraError(f"adapter module {name} does not exist in this base") from None
+        b = adapter.B[name]
+        if isinstance(base_layer, LoRALinear):
+            raise OdloraError(f"{name} already carries an adapter; blend adapters instead of stacking them")
+        if (a.shape[1], b.shape[0]) != (base_layer.in_features, base_layer.out_features):
+            raise OdloraError(
+                f"adapter module {name} is {b.shape[0]}x{a.shape[1]}, the base layer is "
+                f"{base_layer.out_features}x{base_layer.in_features}: the adapter was made for another base"
+            )
+        lora = LoRALinear(base_layer, a.shape[0], adapter.scalings[name])
+        lora.lora_A.weight.data.copy_(a)
+        lora.lora_B.weight.data.copy_(b)
+        lora.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, lora)
+
+
+def check_base(adapter: Adapter, fingerprint: str, where: str) -> None:
+    if adapter.fingerprint and adapter.fingerprint != fingerprint:
+        raise OdloraError(
+            f"{where}: adapter was trained on base {adapter.fingerprint[:19]}..., "
+            f"this base is {fingerprint[:19]}... (a different base)"
+        )
+
+
+# -- blending and merging ---------------------------------------------------------------------
+
+def blend(weighted: list[tuple[Adapter, float]]) -> Adapter:
+    """One adapter equal to Σ wᵢ ΔWᵢ: factors stack along the rank axis, scales fold into B.
+    A single adapter with weight w is its strength dial (w=0 is the base, w=1 itself)."""
+    if not weighted:
+        raise OdloraError("no adapter to blend")
+    names = sorted({n for adapter, _ in weighted for n in adapter.A})
+    A, B = {}, {}
+    for name in names:
+        parts = [(ad, w) for ad, w in weighted if name in ad.A]
+        A[name] = torch.cat([ad.A[name] for ad, _ in parts], dim=0)
+        B[name] = torch.cat([ad.B[name] * (w * ad.scalings[name]) for ad, w in parts], dim=1)
+    first = weighted[0][0]
+    fingerprints = {ad.fingerprint for ad, _ in weighted if ad.fingerprint}
+    if len(fingerprints) > 1:
+        raise OdloraError("cannot blend adapters trained on different bases")
+    rank = max(a.shape[0] for a in A.values())
+    config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(sorted({n.rsplit(".", 1)[1] for n in names})))
+    meta = {"base_fingerprint": next(iter(fingerprints), None), "blend": [w for _, w in weighted]}
+    return Adapter(A=A, B=B, scalings={n: 1.0 for n in names}, config=config if len(weighted) > 1 else first.config, meta=meta)
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module, adapter: Adapter, sign: float = 1.0) -> None:
+    """W ← W + sign · ΔW for plain fp32/bf16 linears, computed in fp32 (sign=-1 unmerges)."""
+    for name in adapter.A:
+        layer = model.get_submodule(name)
+        if type(layer) is not nn.Linear:
+            raise OdloraError(f"cannot merge into {name}: it is {type(layer).__name__}, not a plain linear")
+        merged = layer.weight.float() + sign * adapter.delta(name)
+        layer.weight.copy_(merged.to(layer.weight.dtype))
+
+
+# -- disk -----------------------------------------------------------------------------------
+
+def peft_config(adapter: Adapter, base_name: str) -> dict:
+    c = adapter.config
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": c.rank,
+        "lora_alpha": c.alpha,
+        "lora_dropout": c.dropout,
+        "use_rslora": c.use_rslora,
+        "target_modules": sorted(c.targets),
+        "layers_to_transform": list(c.layers) if c.layers is not None else None,
+        "layers_pattern": "layers" if c.layers is not None else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+    }
+
+
+def save_adapter(adapter: Adapter, out: Path, base_name: str) -> None:
+    """Write atomically: a complete directory appears at `out`, or nothing changes there."""
+    tensors = {}
+    for name in adapter.A:
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = adapter.A[name].contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = adapter.B[name].contiguous()
+    meta = {"format": "odlora-adapter", "version": 1, "tool_version": __version__, **adapter.meta,
+            "rank": adapter.config.rank, "alpha": adapter.config.alpha, "use_rslora": adapter.config.use_rslora,
+            "targets": list(adapter.config.targets), "modules": len(adapter.A), "parameters": adapter.n_params()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_config(adapter, base_name), indent=2) + "\n")
+        (tmp / "odlora.json").write_text(json.dumps(meta, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move a finished directory to `out`, replacing what was there only once `new` is complete."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OdloraError(f"{path.parent}: not an adapter directory (no {path.name})") from None
+    except ValueError as e:
+        raise OdloraError(f"{path}: invalid JSON ({e})") from None
+
+
+def load_adapter(path: Path) -> Adapter:
+    """Read an adapter directory written by odlora or by PEFT."""
+    path = Path(path)
+    if not path.is_dir():
+        raise OdloraError(f"{path}: no such adapter directory")
+    cfg = _read_json(path / "adapter_config.json")
+    meta = _read_json(path / "odlora.json") if (path / "odlora.json").exists() else {}
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise OdloraError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for flag, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+        if cfg.get(flag) == bad:
+            raise OdloraError(f"{path}: adapter_config {flag}={bad} is not supported")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+        raise OdloraError(f"{path}: adapters that train biases or whole modules are not supported")
+    weights = path / "adapter_model.safetensors"
+    try:
+        tensors = load_file(str(weights))
+    except FileNotFoundError:
+        raise OdloraError(f"{path}: no adapter_model.safetensors (pickled .bin adapters are not loaded)") from None
+    except (SafetensorError, OSError) as e:
+        raise OdloraError(f"{weights}: corrupt safetensors file ({e})") from None
+    A, B = _split_factors(tensors, weights)
+    alpha, use_rslora = float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora", False))
+    scalings = {n: lora_scaling(_pattern(cfg.get("alpha_pattern"), n, alpha), A[n].shape[0], use_rslora) for n in A}
+    config = LoraConfig(rank=int(cfg.get("r", max(a.shape[0] for a in A.values()))), alpha=alpha,
+                        targets=tuple(sorted({n.rsplit(".", 1)[1] for n in A})), use_rslora=use_rslora)
+    return Adapter(A=A, B=B, scalings=scalings, config=config, meta=meta)
+
+
+def _split_factors(tensors: dict, source: Path) -> tuple[dict, dict]:
+    A, B = {}, {}
+    for key, t in tensors.items():
+        m = KEY.fullmatch(key.replace(".default.", "."))
+        if not m:
+            raise OdloraError(f"{source}: unexpected tensor {key} (expected PEFT LoRA keys)")
+        (A if m[2] == "A" else B)[m[1]] = t.float()
+    if not A:
+        raise OdloraError(f"{source}: holds no LoRA tensors")
+    for name in A.keys() | B.keys():
+        if name not in A or name not in B:
+            raise OdloraError(f"{source}: module {name} lacks its lora_{'A' if name not in A else 'B'} tensor")
+        if A[name].shape[0] != B[name].shape[1] or A[name].ndim != 2:
+            raise OdloraError(f"{source}: module {name} has mismatched ranks {tuple(A[name].shape)} / {tuple(B[name].shape)}")
+    return A, B
+
+
+def _pattern(patterns: Optional[dict], name: str, default: float) -> float:
+    """PEFT's per-module override: a key matches a module name ending in it."""
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", name):
+            return float(value)
+    return default

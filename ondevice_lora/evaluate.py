@@ -1,0 +1,63 @@
+"""Held-out measures: token loss / perplexity on packed data, and exact-match task accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .generate import SamplingConfig, generate_text
+from .prompts import render_chat
+
+
+def token_loss(model, input_ids, targets, segment_ids) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the positions that have a target, and how many there are.
+
+    Only those positions go through the LM head: with completion-only loss that skips most of
+    the (vocab x dim) matmul, the largest single layer of a small model.
+    """
+    hidden = model.hidden_states(input_ids, segment_ids=segment_ids)
+    keep = targets != -100
+    logits = model.lm_head(hidden[keep]).float()
+    return F.cross_entropy(logits, targets[keep]), int(keep.sum())
+
+
+@torch.no_grad()
+def evaluate_loss(model, packed, batch_size: int = 8) -> dict:
+    """{"loss", "perplexity", "tokens"} over all rows of `packed`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, packed.input_ids.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        loss, n = token_loss(model, packed.input_ids[rows], packed.targets[rows], packed.segment_ids[rows])
+        total, count = total + loss.item() * n, count + n
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+def chat_prompt_and_answer(tokenizer, example: dict) -> tuple[list[int], str]:
+    """Split a {"messages": [...]} example into the prompt ids (up to the last assistant turn)
+    and that turn's reference text."""
+    messages = example["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    text = render_chat(tokenizer, messages[:last], add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False), messages[last]["content"]
+
+
+@torch.no_grad()
+def task_accuracy(model, tokenizer, examples: list[dict], stop_ids: set[int], max_new_tokens: int = 32) -> dict:
+    """Greedy-generate each example's last assistant turn; exact match after stripping spaces."""
+    was_training = model.training
+    model.eval()
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens)
+    hits, predictions = 0, []
+    for example in examples:
+        prompt, reference = chat_prompt_and_answer(tokenizer, example)
+        prediction = generate_text(model, tokenizer, prompt, cfg, stop_ids)
+        predictions.append(prediction)
+        hits += prediction.strip() == reference.strip()
+    model.train(was_training)
+    return {"exact_match": hits / max(len(examples), 1), "examples": len(examples), "predictions": predictions}

@@ -1,0 +1,169 @@
+"""LoRA layers and their injection into a model (Hu et al., 2021).
+
+A frozen linear `W` (out x in) gains a low-rank update:
+
+    y = W x + s * B (A dropout(x)),   A: (r, in) random,  B: (out, r) zero,  s = alpha / r
+
+(rsLoRA: s = alpha / sqrt(r)). B starts at zero, so step zero is exactly the base. Only A and B
+train. Model files know nothing of LoRA: `apply_lora` walks the model afterwards and wraps the
+matching linears in `LoRALinear`, whose submodule names (`base_layer`, `lora_A`, `lora_B`) are
+PEFT's, so adapter keys match PEFT's on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import OdloraError
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+TARGET_PRESETS = {
+    "qv": ("q_proj", "v_proj"),  # the paper's choice
+    "attn": ATTENTION,
+    "all-linear": ATTENTION + MLP,  # the default, as QLoRA found best
+}
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGET_PRESETS["all-linear"]  # module name suffixes
+    layers: Optional[tuple[int, ...]] = None  # None: every layer
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise OdloraError(f"--rank must be a positive integer, got {self.rank}")
+        if self.alpha <= 0:
+            raise OdloraError(f"--alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise OdloraError(f"--dropout must be in [0, 1), got {self.dropout}")
+        self.targets = tuple(self.targets)
+        self.layers = tuple(self.layers) if self.layers is not None else None
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def parse_targets(spec: str) -> tuple[str, ...]:
+    """`qv`, `attn`, `all-linear`, or a comma-separated list of module names (`q_proj,v_proj`)."""
+    if spec in TARGET_PRESETS:
+        return TARGET_PRESETS[spec]
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    if not names:
+        raise OdloraError(f"--targets is empty (presets: {', '.join(TARGET_PRESETS)}, or module names)")
+    return names
+
+
+def parse_layers(spec: Optional[str], n_layers: int) -> Optional[tuple[int, ...]]:
+    """`None`/`all`, `middle` (the middle third), `A-B` (inclusive) or `i,j,k`."""
+    if spec in (None, "", "all"):
+        return None
+    if spec == "middle":
+        third = n_layers // 3
+        return tuple(range(third, n_layers - third))
+    try:
+        if m := re.fullmatch(r"(\d+)-(\d+)", spec):
+            layers = tuple(range(int(m[1]), int(m[2]) + 1))
+        else:
+            layers = tuple(int(i) for i in spec.split(","))
+    except ValueError:
+        raise OdloraError(f"--layers {spec!r}: expected 'all', 'middle', 'A-B' or 'i,j,k'") from None
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if not layers or bad:
+        raise OdloraError(f"--layers {spec!r}: layer {bad[0] if bad else '?'} is outside 0-{n_layers - 1}")
+    return layers
+
+
+def match_targets(model: nn.Module, targets, layers=None) -> list[str]:
+    """The full names of the modules LoRA will wrap: every linear inside `model.layers.N.` whose
+    last name component is in `targets`, and whose layer N is in `layers` (all when None).
+    This is the one place that decides what is adapted; `odlora personalize --dry-run` prints it.
+    """
+    names = []
+    for name, module in model.named_modules():
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        if not layer or name.rsplit(".", 1)[-1] not in targets:
+            continue
+        if layers is not None and int(layer[1]) not in layers:
+            continue
+        if hasattr(module, "in_features") and not isinstance(module, LoRALinear):
+            names.append(name)
+    if not names:
+        raise OdloraError(f"targets {','.join(targets)} match no linear layer of this model")
+    return names
+
+
+class LoRALinear(nn.Module):
+    """A frozen `base_layer` (nn.Linear or a quantised linear) plus a trainable low-rank update."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.scaling = scaling
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False)
+        # As the paper and PEFT: A ~ Kaiming-uniform, B = 0, so the update starts at zero.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The update runs in the factors' dtype (fp32 while training, whatever the base's is):
+        # it is ~1% of the FLOPs and keeps small gradients from rounding away in bf16.
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return self.base_layer(x) + (update * self.scaling).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B A in fp32 (out, in)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return model.get_submodule(parent_name), child
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Freeze `model` and wrap each target linear in a `LoRALinear`; returns the wrapped names."""
+    model.requires_grad_(False)
+    names = match_targets(model, config.targets, config.layers)
+    for name in names:
+        parent, child = _parent(model, name)
+        base_layer = getattr(parent, child)
+        setattr(parent, child, LoRALinear(base_layer, config.rank, config.scaling, config.dropout))
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Put the plain base layers back (the LoRA update is dropped, not merged)."""
+    for name in lora_layers(model):
+        parent, child = _parent(model, name)
+        setattr(parent, child, getattr(parent, child).base_layer)
+    return model

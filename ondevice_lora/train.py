@@ -1,0 +1,187 @@
+"""The LoRA training loop: AdamW on A/B only, warmup + cosine, clipping, accumulation,
+periodic validation and atomic checkpoints that `--resume` continues bit for bit.
+
+Checkpoints hold only tensors (safetensors) and JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+from .data import batches
+from .errors import OdloraError
+from .evaluate import evaluate_loss, token_loss
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = None  # optimiser steps; None: derive from epochs
+    epochs: float = 3.0
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 50  # steps; 0: only before and after
+    save_every: int = 100  # steps; 0: no periodic checkpoint
+    early_stopping: int = 0  # evaluations without improvement before stopping; 0: never
+    activation_checkpointing: bool = False
+
+    def validate(self):
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise OdloraError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise OdloraError(f"--steps must be >= 1, got {self.steps}")
+        if self.epochs <= 0 or self.lr <= 0:
+            raise OdloraError("--epochs and --lr must be positive")
+
+    def total_steps(self, n_rows: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_epoch = math.ceil(n_rows / (self.batch_size * self.grad_accum))
+        return max(1, round(per_epoch * self.epochs))
+
+
+def lr_lambda(total: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = max(1, round(total * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward instead of storing its activations."""
+    for layer in model.model.layers:
+        forward = layer.forward
+        layer.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
+
+
+def micro_batches(packed, cfg: TrainConfig):
+    """Endless (epoch, batch) stream; batch order depends only on (seed, epoch)."""
+    epoch = 0
+    while True:
+        for batch in batches(packed, cfg.batch_size, cfg.seed, epoch):
+            yield epoch, batch
+        epoch += 1
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, params: dict, optimizer, state: dict) -> None:
+    tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
+    for n, p in params.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"optim.{n}.{key}"] = value.detach().reshape(-1) if value.ndim == 0 else value.detach().contiguous()
+    tensors["rng"] = torch.get_rng_state()
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".state.{os.getpid()}"
+    save_file(tensors, str(tmp.with_suffix(".safetensors")))
+    tmp.with_suffix(".json").write_text(json.dumps(state))
+    os.replace(tmp.with_suffix(".safetensors"), path / "state.safetensors")
+    os.replace(tmp.with_suffix(".json"), path / "state.json")
+
+
+def load_checkpoint(path: Path, params: dict, optimizer, expect: dict) -> dict:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+    except (OSError, ValueError) as e:
+        raise OdloraError(f"--resume: no usable checkpoint at {path} ({e})") from None
+    for key, value in expect.items():
+        if state.get("identity", {}).get(key) != value:
+            raise OdloraError(f"--resume: checkpoint {path} was made with a different {key}; start without --resume")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+            slots = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+            if slots:
+                optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v) for k, v in slots.items()}
+    torch.set_rng_state(tensors["rng"])
+    return state
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+def train(model, train_data, val_data, cfg: TrainConfig, identity: dict, checkpoint_dir: Path,
+          resume: bool = False, progress=None, log: Callable[[dict], None] = lambda record: None) -> dict:
+    """Train the model's trainable (LoRA) parameters. Returns the metrics; raises
+    KeyboardInterrupt after Ctrl-C with the model holding the weights of the last step."""
+    cfg.validate()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.total_steps(train_data.input_ids.shape[0])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup))
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+
+    step, history = 0, {"val": []}
+    if resume:
+        state = load_checkpoint(checkpoint_dir, params, optimizer, identity)
+        step, history = state["step"], state["history"]
+        scheduler.last_epoch = step
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    else:
+        history["val"].append({"step": 0, **evaluate_loss(model, val_data)})
+        log({"event": "eval", **history["val"][-1]})
+
+    stream = micro_batches(train_data, cfg)
+    for _ in range(step * cfg.grad_accum):  # replay the batch order up to the resumed step
+        next(stream)
+    model.train()
+    started, tokens_seen, best, stale = time.perf_counter(), 0, min(v["loss"] for v in history["val"]), 0
+    loss_sum, rate = float("nan"), 0.0
+    while step < total:
+        loss_sum, n_tokens = 0.0, 0
+        for _ in range(cfg.grad_accum):
+            epoch, batch = next(stream)
+            loss, n = token_loss(model, batch["input_ids"], batch["targets"], batch["segment_ids"])
+            (loss / cfg.grad_accum).backward()
+            loss_sum, n_tokens = loss_sum + loss.item() / cfg.grad_accum, n_tokens + batch["input_ids"].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, tokens_seen = step + 1, tokens_seen + n_tokens
+        rate = tokens_seen / (time.perf_counter() - started)
+        record = {"event": "step", "step": step, "epoch": epoch, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": float(grad_norm), "tokens_per_s": rate}
+        log(record)
+        if progress:
+            progress(record, total)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            history["val"].append({"step": step, **evaluate_loss(model, val_data)})
+            log({"event": "eval", **history["val"][-1]})
+            best, stale = (history["val"][-1]["loss"], 0) if history["val"][-1]["loss"] < best else (best, stale + 1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            save_checkpoint(checkpoint_dir, params, optimizer, {"step": step, "history": history, "identity": identity})
+        if cfg.early_stopping and stale >= cfg.early_stopping:
+            log({"event": "early_stop", "step": step})
+            break
+    history.update(steps=step, total_steps=total, train_loss=loss_sum, tokens_per_s=rate,
+                   seconds=time.perf_counter() - started, train_tokens=tokens_seen)
+    return history
+
+
+def config_identity(base_fingerprint: str, lora: dict, train_cfg: TrainConfig, data_stats: dict) -> dict:
+    """What must not change between a checkpoint and `--resume`."""
+    train_dict = {k: v for k, v in asdict(train_cfg).items() if k not in ("eval_every", "save_every", "early_stopping")}
+    return {"base": base_fingerprint, "lora": json.loads(json.dumps(lora)), "training": train_dict, "data": data_stats}
