@@ -1,0 +1,129 @@
+"""The staged export pipeline shared by every target, and adapter packing.
+
+    load base -> slot spec -> target.export_program(...) into a temp dir -> tokenizer copied in
+    -> manifest.json (fingerprint, architecture, slots, quantisation, sha256 + size per file)
+    -> rename into place (a half-written export never appears at the final path)
+
+A target module (`exporters/onnx.py`, ...) provides:
+
+    QUANTS: tuple[str, ...]                       quantisations it accepts (first is the default)
+    export_program(model, spec, out_dir, quant, max_seq_len) -> dict
+        writes its files into out_dir, returns target-specific manifest fields
+    pack_slots(slots, manifest, out_file) -> None
+        writes one adapter's slot tensors in the target's native blob format
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from .. import __version__
+from ..adapter import check_base, load_adapter, replace_dir
+from ..base import load_base
+from ..errors import OdloraError
+from ..lora import TARGET_PRESETS
+from ..registry import sha256_file
+from .slots import SlotSpec, slot_tensors
+
+TARGETS = ("onnx", "executorch", "coreml")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def target_module(target: str):
+    if target not in TARGETS:
+        raise OdloraError(f"unknown export target {target!r} (targets: {', '.join(TARGETS)})")
+    return importlib.import_module(f"{__package__}.{target}")
+
+
+def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str] = None,
+           max_rank: int = 16, targets=TARGET_PRESETS["all-linear"], max_seq_len: int = 512,
+           force: bool = False, say=print) -> dict:
+    """Export the base once for `target` with adapter slots; returns the manifest."""
+    module = target_module(target)
+    quant = quant or module.QUANTS[0]
+    if quant not in module.QUANTS:
+        raise OdloraError(f"--quant {quant!r} is not supported for {target} (choose from {', '.join(module.QUANTS)})")
+    out = Path(out)
+    if out.exists() and not force:
+        raise OdloraError(f"{out} already exists (use --force to replace it)")
+    started = time.perf_counter()
+    base = load_base(base_spec)
+    if max_seq_len > base.model.args.max_seq_len:
+        raise OdloraError(f"--max-seq-len {max_seq_len} exceeds the base's {base.model.args.max_seq_len} positions")
+    spec = SlotSpec.for_model(base.model, targets, max_rank)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        say(f"exporting {base.spec} to {target} ({quant}, slots r<={max_rank} on {','.join(spec.targets)}) ...")
+        target_fields = module.export_program(base.model, spec, tmp, quant, max_seq_len)
+        base.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        manifest = {
+            "format": "odlora-export", "format_version": FORMAT_VERSION, "tool_version": __version__,
+            "target": target, "quant": quant, "base": base.spec, "base_fingerprint": base.fingerprint,
+            "config": base.config, "max_seq_len": max_seq_len, "slots": spec.to_dict(),
+            "export_seconds": round(time.perf_counter() - started, 1), **target_fields,
+        }
+        manifest["files"] = file_table(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """Relative path -> {"sha256", "size"} for every file under root."""
+    return {str(f.relative_to(root)): {"sha256": sha256_file(f), "size": f.stat().st_size}
+            for f in sorted(root.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+def read_manifest(export_dir: Path, verify: bool = True) -> dict:
+    """Load an export's manifest; with `verify`, check every file's size and sha256."""
+    path = Path(export_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OdloraError(f"{export_dir}: not an odlora export (no {MANIFEST})") from None
+    except ValueError as e:
+        raise OdloraError(f"{path}: invalid JSON ({e})") from None
+    if manifest.get("format") != "odlora-export" or manifest.get("format_version") != FORMAT_VERSION:
+        raise OdloraError(f"{path}: unsupported export format {manifest.get('format')!r} v{manifest.get('format_version')}")
+    if verify:
+        for name, entry in manifest["files"].items():
+            f = Path(export_dir) / name
+            if not f.is_file():
+                raise OdloraError(f"{export_dir}: file {name} listed in the manifest is missing")
+            if f.stat().st_size != entry["size"] or sha256_file(f) != entry["sha256"]:
+                raise OdloraError(f"{export_dir}: file {name} does not match its manifest checksum")
+    return manifest
+
+
+def pack(adapter_dir: Path, export_dir: Path, out: Path) -> dict:
+    """Turn a PEFT-format adapter into the export target's native blob; returns its manifest."""
+    manifest = read_manifest(export_dir, verify=False)
+    adapter = load_adapter(adapter_dir)
+    check_base(adapter, manifest["base_fingerprint"], str(adapter_dir))
+    slots = slot_tensors(adapter, SlotSpec.from_dict(manifest["slots"]))  # checks rank, targets, shapes
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    target_module(manifest["target"]).pack_slots(slots, manifest, tmp)
+    info = {
+        "format": "odlora-packed-adapter", "format_version": FORMAT_VERSION, "target": manifest["target"],
+        "base_fingerprint": manifest["base_fingerprint"], "fingerprint_verified": adapter.fingerprint is not None,
+        "adapter": str(adapter_dir), "rank": adapter.rank, "modules": len(adapter.A),
+        "sha256": sha256_file(tmp), "size": tmp.stat().st_size,
+        "metrics": adapter.meta.get("metrics", {}) and {k: v for k, v in adapter.meta["metrics"].items() if k != "val_history"},
+    }
+    sidecar = out.with_name(out.name + ".json")
+    sidecar.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(out)
+    return info
