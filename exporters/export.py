@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 from .. import __version__
-from ..adapter import check_base, load_adapter, replace_dir
+from ..adapter import check_base, load_adapter
+from ..atomic import staged_dir
 from ..base import load_base
 from ..errors import OdloraError
 from ..lora import TARGET_PRESETS
@@ -58,9 +57,7 @@ def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str
     if max_seq_len > base.model.args.max_seq_len:
         raise OdloraError(f"--max-seq-len {max_seq_len} exceeds the base's {base.model.args.max_seq_len} positions")
     spec = SlotSpec.for_model(base.model, targets, max_rank)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         say(f"exporting {base.spec} to {target} ({quant}, slots r<={max_rank} on {','.join(spec.targets)}) ...")
         target_fields = module.export_program(base.model, spec, tmp, quant, max_seq_len)
         base.tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -72,10 +69,6 @@ def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str
         }
         manifest["files"] = file_table(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

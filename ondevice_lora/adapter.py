@@ -13,10 +13,7 @@ check every tensor's name and shape against the base instead.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .atomic import staged_dir
 from .errors import OdloraError
 from .lora import LoRALinear, LoraConfig, lora_layers, lora_scaling
 
@@ -172,29 +170,10 @@ def save_adapter(adapter: Adapter, out: Path, base_name: str) -> None:
     meta = {"format": "odlora-adapter", "version": 1, "tool_version": __version__, **adapter.meta,
             "rank": adapter.config.rank, "alpha": adapter.config.alpha, "use_rslora": adapter.config.use_rslora,
             "targets": list(adapter.config.targets), "modules": len(adapter.A), "parameters": adapter.n_params()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config(adapter, base_name), indent=2) + "\n")
         (tmp / "odlora.json").write_text(json.dumps(meta, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(new: Path, out: Path) -> None:
-    """Move a finished directory to `out`, replacing what was there only once `new` is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
 
 
 def _read_json(path: Path) -> dict:

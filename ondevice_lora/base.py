@@ -51,9 +51,16 @@ def resolve(spec: Optional[str]) -> Path:
     raise OdloraError(f"unknown base name {spec!r} (registered: {', '.join(registry.REGISTRY)})")
 
 
+def _family(config: dict, source: Path):
+    try:
+        return family_for(config.get("model_type"))
+    except ValueError as e:  # an architecture we do not implement is bad user input
+        raise OdloraError(f"{source}: {e}") from None
+
+
 def build_model(config: dict, tensors: dict[str, torch.Tensor], source: Path, dtype=torch.float32):
     """Instantiate our model for `config` and fill it with `tensors` (names checked)."""
-    family = family_for(config.get("model_type"))
+    family = _family(config, source)
     try:
         args = family.ModelArgs.from_hf_config(config)
     except (KeyError, ValueError) as e:
@@ -87,7 +94,7 @@ def load_base(spec: Optional[str] = None, dtype: torch.dtype = torch.float32) ->
         fingerprint = fingerprint_tensors(tensors)
     else:
         config = read_config(path)
-        family_for(config.get("model_type"))  # fail on the architecture before reading weights
+        _family(config, path)  # fail on the architecture before reading weights
         files = weight_files(path)
         tensors = read_tensors(files)
         tokenizer = load_tokenizer(path)

@@ -1,14 +1,18 @@
 """The `odlora` command line. It only parses flags and calls library functions.
 
     odlora base pull
-    odlora base info --json
     odlora generate --prompt "What is the capital of France?"
+    odlora personalize --data dates.jsonl --out adapters/dates
+    odlora generate --adapter adapters/dates --prompt "Normalise: March 5th, 2021"
+    odlora export --target onnx --out exports/onnx
+    odlora adapter pack adapters/dates --export exports/onnx --out dates.onnx_adapter
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -22,11 +26,46 @@ def base_option(f):
     return click.option("--base", "base", default=DEFAULT_BASE, show_default=True, help=BASE_HELP)(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on the last line.")(f)
+
+
+def print_fields(info: dict) -> None:
+    for key, value in info.items():
+        click.echo(f"{key:>22}: {value}")
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """`DIR` or `DIR:WEIGHT` (the weight is the adapter's strength in a blend)."""
+    path, _, weight = spec.rpartition(":")
+    if path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def load_weighted_adapters(specs, fingerprint: str):
+    """Load `DIR[:w]` adapters, check each against the base, and blend them into one."""
+    from .adapter import blend, check_base, load_adapter
+
+    weighted = []
+    for spec in specs:
+        path, weight = parse_weighted(spec)
+        adapter = load_adapter(Path(path))
+        check_base(adapter, fingerprint, path)
+        weighted.append((adapter, weight))
+    return blend(weighted)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ondevice-lora")
 def cli():
     """On-device personalisation with LoRA: train adapters on a frozen base, export it once, swap adapters."""
 
+
+# -- bases ------------------------------------------------------------------------------------
 
 @cli.group()
 def base():
@@ -42,28 +81,27 @@ def base_pull(name):
     """
     from . import registry
 
-    path = registry.pull(name, progress=lambda msg: click.echo(msg, err=True))
-    click.echo(str(path))
+    click.echo(str(registry.pull(name, progress=lambda msg: click.echo(msg, err=True))))
 
 
 @base.command("info")
 @click.argument("base_spec", metavar="BASE", default=DEFAULT_BASE)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 def base_info(base_spec, as_json):
     """Architecture, parameter count, dtype, fingerprint and size of BASE."""
     from .base import describe_base, load_base
 
     info = describe_base(load_base(base_spec))
-    if as_json:
-        click.echo(json.dumps(info))
-    else:
-        for key, value in info.items():
-            click.echo(f"{key:>16}: {value}")
+    click.echo(json.dumps(info)) if as_json else print_fields(info)
 
+
+# -- generation -------------------------------------------------------------------------------
 
 @cli.command()
 @base_option
 @click.option("--prompt", required=True, help="The user's text.")
+@click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]",
+              help="LoRA adapter directory, optionally with a strength; repeat to blend several.")
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 means greedy.")
 @click.option("--top-k", default=0, show_default=True, type=int, help="Sample from the k most likely tokens (0: all).")
@@ -71,8 +109,9 @@ def base_info(base_spec, as_json):
 @click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text).")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
 @click.option("--no-chat", is_flag=True, help="Feed the prompt as raw text, without the chat template.")
-def generate(base, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, no_chat):
+def generate(base, prompt, adapters, max_new_tokens, temperature, top_k, top_p, seed, stop, no_chat):
     """Generate a completion for PROMPT; prints only the completion, streamed."""
+    from .adapter import attach_adapter
     from .base import load_base
     from .generate import SamplingConfig, generate_text
     from .prompts import encode_prompt, stop_token_ids
@@ -80,10 +119,161 @@ def generate(base, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop
     cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
     cfg.validate()
     loaded = load_base(base)
+    if adapters:
+        attach_adapter(loaded.model, load_weighted_adapters(adapters, loaded.fingerprint))
     ids = encode_prompt(loaded.tokenizer, prompt, chat=not no_chat)
     stream = lambda piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
     generate_text(loaded.model, loaded.tokenizer, ids, cfg, stop_token_ids(loaded.tokenizer, loaded.config), stream)
     sys.stdout.write("\n")
+
+
+# -- personalisation --------------------------------------------------------------------------
+
+@cli.command()
+@base_option
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help=".txt, .jsonl ({text} | {prompt, completion} | {messages}) or a directory of them.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write (PEFT format).")
+@click.option("--rank", default=8, show_default=True, type=int)
+@click.option("--alpha", default=16.0, show_default=True, type=float)
+@click.option("--dropout", default=0.0, show_default=True, type=float)
+@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(rank) instead of alpha/rank.")
+@click.option("--targets", default="all-linear", show_default=True,
+              help="qv | attn | all-linear | comma-separated module names (q_proj,v_proj,...).")
+@click.option("--layers", default="all", show_default=True, help="all | middle | A-B | i,j,k")
+@click.option("--base-quant", default="int8", show_default=True, type=click.Choice(["none", "int8", "int4"]),
+              help="How the frozen base is held while training.")
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp32"]), help="Compute dtype.")
+@click.option("--steps", default=None, type=int, help="Optimiser steps (overrides --epochs).")
+@click.option("--epochs", default=3.0, show_default=True, type=float)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--grad-accum", default=1, show_default=True, type=int)
+@click.option("--seq-len", default=128, show_default=True, type=int)
+@click.option("--val-split", default=0.1, show_default=True, type=float)
+@click.option("--val-data", default=None, type=click.Path(path_type=Path), help="Held-out data instead of a split.")
+@click.option("--train-on-prompt", is_flag=True, help="Also train on prompt / user tokens.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--eval-every", default=50, show_default=True, type=int, help="Validate every N steps (0: start and end).")
+@click.option("--save-every", default=100, show_default=True, type=int, help="Checkpoint every N steps (0: never).")
+@click.option("--early-stopping", default=0, show_default=True, type=int,
+              help="Stop after N validations without improvement (0: never).")
+@click.option("--activation-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint of an interrupted run with the same --out.")
+@click.option("--dry-run", is_flag=True, help="Print the modules LoRA would adapt and the data statistics, then stop.")
+@json_option
+def personalize(base, data, out, rank, alpha, dropout, rslora, targets, layers, base_quant, dtype, steps, epochs, lr,
+                batch_size, grad_accum, seq_len, val_split, val_data, train_on_prompt, seed, eval_every, save_every,
+                early_stopping, activation_checkpointing, threads, resume, dry_run, as_json):
+    """Train a LoRA adapter on local data against a frozen, quantised base."""
+    from .lora import LoraConfig, parse_targets
+    from .personalize import PersonalizeConfig, dry_run as personalize_dry_run, personalize as run
+    from .progress import TrainingProgress
+    from .train import TrainConfig
+
+    training = TrainConfig(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+                           eval_every=eval_every, save_every=save_every, early_stopping=early_stopping,
+                           activation_checkpointing=activation_checkpointing)
+    cfg = PersonalizeConfig(base=base, training=training, seq_len=seq_len, val_split=val_split, val_data=val_data,
+                            base_quant=base_quant, dtype=dtype, train_on_prompt=train_on_prompt, threads=threads,
+                            layers=layers, lora=LoraConfig(rank=rank, alpha=alpha, dropout=dropout, use_rslora=rslora,
+                                                           targets=parse_targets(targets)))
+    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if dry_run:
+        info = personalize_dry_run(cfg, data)
+        click.echo(json.dumps(info) if as_json else "\n".join(info["modules"]))
+        return
+    with TrainingProgress() as progress:
+        metrics = run(cfg, data, out, resume=resume, say=say, progress=progress.update)
+    summary = {k: v for k, v in metrics.items() if k != "val_history"}
+    say(f"saved {out}: val loss {metrics['val_loss_before']:.4f} -> {metrics['val_loss']:.4f}, "
+        f"{metrics['tokens_per_s']:.0f} tokens/s")
+    if as_json:
+        click.echo(json.dumps({"adapter": str(out), **summary}))
+
+
+# -- adapters ---------------------------------------------------------------------------------
+
+@cli.group()
+def adapter():
+    """Inspect and pack adapters."""
+
+
+@adapter.command("inspect")
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@json_option
+def adapter_inspect(adapter_dir, as_json):
+    """Rank, targets, parameter count, size and the singular-value energy of each ΔW."""
+    from .adapter import load_adapter
+    from .adapter_stats import inspect_adapter
+
+    info = inspect_adapter(load_adapter(adapter_dir), adapter_dir)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    per_module = info.pop("per_module")
+    print_fields(info)
+    click.echo(f"\n{'module':<44} {'rank':>4} {'|dW|':>9} {'eff.rank@90%':>12}")
+    for name, m in per_module.items():
+        click.echo(f"{name:<44} {m['rank']:>4} {m['delta_norm']:>9.4f} {m['effective_rank_90']:>12}")
+
+
+@adapter.command("pack")
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path), help="An `odlora export` directory.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The packed blob to write.")
+@json_option
+def adapter_pack(adapter_dir, export_dir, out, as_json):
+    """Turn a PEFT-format adapter into the export target's native blob (checked against its base)."""
+    from .exporters.export import pack
+
+    info = pack(adapter_dir, export_dir, out)
+    click.echo(json.dumps(info)) if as_json else print_fields(info)
+
+
+@cli.command()
+@base_option
+@click.option("--adapter", "adapters", multiple=True, required=True, metavar="DIR[:WEIGHT]",
+              help="Adapter to merge, optionally with a strength; repeat to merge a blend.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Merged Hugging Face model directory.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def merge(base, adapters, out, force):
+    """Write BASE with the adapters merged into its weights (W + ΔW), as a Hugging Face checkpoint."""
+    from .base import load_base
+    from .merge import merge_to_dir
+
+    if out.exists() and not force:
+        raise OdloraError(f"{out} already exists (use --force to replace it)")
+    loaded = load_base(base)
+    merge_to_dir(loaded, load_weighted_adapters(adapters, loaded.fingerprint), out)
+    click.echo(str(out))
+
+
+# -- export -----------------------------------------------------------------------------------
+
+@cli.command("export")
+@base_option
+@click.option("--target", required=True, type=click.Choice(["onnx", "executorch", "coreml"]))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Export directory to write.")
+@click.option("--quant", default=None, help="Weight quantisation of the base (per target; default: the target's first).")
+@click.option("--max-rank", default=16, show_default=True, type=int, help="Largest adapter rank the slots accept.")
+@click.option("--targets", default="all-linear", show_default=True, help="Which linears get adapter slots.")
+@click.option("--max-seq-len", default=512, show_default=True, type=int, help="KV-cache length.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@json_option
+def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, as_json):
+    """Export the base once for a device runtime, with adapter slots and a KV cache."""
+    from .exporters.export import export
+    from .lora import parse_targets
+
+    manifest = export(base, target, out, quant, max_rank, parse_targets(targets), max_seq_len, force,
+                      say=lambda msg: click.echo(msg, err=True))
+    sizes = {name: entry["size"] for name, entry in manifest["files"].items()}
+    summary = {"export": str(out), "target": target, "quant": manifest["quant"], "max_rank": max_rank,
+               "base_fingerprint": manifest["base_fingerprint"], "bytes": sum(sizes.values()),
+               "export_seconds": manifest["export_seconds"]}
+    click.echo(json.dumps({**summary, "files": sizes}) if as_json else print_fields(summary))
 
 
 def main():

@@ -90,7 +90,12 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
             w = _unpermute_qk(w, heads)
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+        w = np.ascontiguousarray(w)
+        if not w.flags.writeable:
+            # An F32 tensor is a view of the read-only memory map: without a copy the model's
+            # weights would live in the mapping, and an in-place update (a LoRA merge) segfaults.
+            w = w.copy()
+        tensors[name] = torch.from_numpy(w)
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
     return config, tensors
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import staged_dir
 from .errors import OdloraError
 
 
@@ -60,16 +58,8 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 def write_model_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor], tokenizer) -> None:
     """Write a complete model directory atomically: build it beside `out`, then rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         contiguous = {k: v.contiguous() for k, v in tensors.items()}
         save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +23,7 @@ from .adapter import adapter_from_model, save_adapter
 from .base import load_base
 from .data import data_stats, pack, read_examples, split_examples
 from .errors import OdloraError
-from .lora import LoraConfig, apply_lora
+from .lora import LoraConfig, apply_lora, match_targets, parse_layers
 from .quant import quantize_base
 from .train import TrainConfig, config_identity, train
 
@@ -40,6 +40,7 @@ class PersonalizeConfig:
     val_data: Optional[Path] = None
     base_quant: str = "int8"  # fastest of none/int8/int4 at equal quality on a 2-core CPU (bench/)
     dtype: str = "bf16"
+    layers: str = "all"  # parsed once the base's layer count is known
     train_on_prompt: bool = False
     threads: Optional[int] = None
 
@@ -75,16 +76,18 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.training.seed)
     base = load_base(cfg.base)
+    lora = replace(cfg.lora, layers=parse_layers(cfg.layers, base.model.args.n_layers))
+    match_targets(base.model, lora.targets, lora.layers)  # fail on bad targets before reading data
     train_data, val_data, stats = prepare_data(cfg, data, base.tokenizer)
     say(f"data: {stats['examples']} train / {stats['val_examples']} val examples, "
         f"{stats['loss_tokens']} loss tokens, {stats['packed_rows']} packed rows of {cfg.seq_len}")
     model = quantize_base(base.model, cfg.base_quant, DTYPES[cfg.dtype])
-    names = apply_lora(model, cfg.lora)
+    names = apply_lora(model, lora)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"LoRA r={cfg.lora.rank} on {len(names)} linears ({n_train:,} trainable parameters), "
+    say(f"LoRA r={lora.rank} on {len(names)} linears ({n_train:,} trainable parameters), "
         f"base {cfg.base_quant} / {cfg.dtype}")
 
-    identity = config_identity(base.fingerprint, cfg.lora.to_dict(), cfg.training, stats)
+    identity = config_identity(base.fingerprint, lora.to_dict(), cfg.training, stats)
     log_records = []
     meta = {"base": base.spec, "base_fingerprint": base.fingerprint, "base_quant": cfg.base_quant,
             "dtype": cfg.dtype, "seq_len": cfg.seq_len, "data": stats, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -94,7 +97,7 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
     except KeyboardInterrupt:
         meta["interrupted"] = True
         meta["metrics"] = {"val": [r for r in log_records if r["event"] == "eval"]}
-        save_adapter(adapter_from_model(model, cfg.lora, meta), out, base.spec)
+        save_adapter(adapter_from_model(model, lora, meta), out, base.spec)
         say(f"interrupted: saved the adapter of the last finished step to {out}")
         raise
     val = history["val"]
@@ -105,10 +108,19 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
         "tokens_per_s": history["tokens_per_s"], "seconds": history["seconds"], "val_history": val,
     }
     meta["training"] = identity["training"]
-    save_adapter(adapter_from_model(model, cfg.lora, meta), out, base.spec)
+    save_adapter(adapter_from_model(model, lora, meta), out, base.spec)
     _write_log(out, log_records)
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the adapter supersedes it
     return meta["metrics"]
+
+
+def dry_run(cfg: PersonalizeConfig, data: Path) -> dict:
+    """The modules LoRA would adapt and the data statistics, without training."""
+    base = load_base(cfg.base)
+    layers = parse_layers(cfg.layers, base.model.args.n_layers)
+    modules = match_targets(base.model, cfg.lora.targets, layers)
+    _, _, stats = prepare_data(cfg, data, base.tokenizer)
+    return {"modules": modules, "data": stats}
 
 
 def _write_log(out: Path, records: list[dict]) -> None:

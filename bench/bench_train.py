@@ -1,0 +1,134 @@
+"""Training throughput and peak memory: odlora personalize vs transformers + PEFT, same work.
+
+    python bench/bench_train.py                      # default: 8 timed steps per engine
+    python bench/bench_train.py --steps 4 --configs odlora:int8:bf16 peft
+
+Same base (the default base), same data (the shipped `dates` task, packed to --seq-len rows),
+rank 8 LoRA on all seven linears, batch --batch-size, AdamW. Each configuration runs in its
+own process so that its peak RSS (load included) is its own. Tokens/s counts every position of
+every batch row (padding included) over the timed steps, after --warmup untimed steps.
+PEFT runs the usual recipe: fp32 `LlamaForCausalLM`, `get_peft_model`, labels with -100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def packed_rows(tokenizer, seq_len):
+    from ondevice_lora.data import pack, read_examples
+    from ondevice_lora.samples import sample_path
+
+    examples = read_examples(sample_path("dates"), tokenizer, seq_len)
+    return pack(examples, seq_len, tokenizer.eos_token_id)
+
+
+def run_odlora(args, base_quant, dtype):
+    from ondevice_lora.base import load_base
+    from ondevice_lora.evaluate import token_loss
+    from ondevice_lora.lora import LoraConfig, apply_lora
+    from ondevice_lora.personalize import DTYPES
+    from ondevice_lora.quant import quantize_base
+
+    base = load_base()
+    data = packed_rows(base.tokenizer, args.seq_len)
+    model = quantize_base(base.model, base_quant, DTYPES[dtype])
+    apply_lora(model, LoraConfig(rank=8, alpha=16))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(rows):
+        loss, _ = token_loss(model, data.input_ids[rows], data.targets[rows], data.segment_ids[rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_steps(args, step)
+
+
+def run_peft(args):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ondevice_lora.base import load_tokenizer, resolve
+
+    path = resolve(None)
+    data = packed_rows(load_tokenizer(path), args.seq_len)
+    labels = torch.cat([torch.full_like(data.targets[:, :1], -100), data.targets[:, :-1]], dim=1)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(rows):
+        model(input_ids=data.input_ids[rows], labels=labels[rows]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_steps(args, step)
+
+
+def time_steps(args, step):
+    batches = [slice(i * args.batch_size, (i + 1) * args.batch_size) for i in range(args.warmup + args.steps)]
+    for rows in batches[: args.warmup]:
+        step(rows)
+    started = time.perf_counter()
+    for rows in batches[args.warmup:]:
+        step(rows)
+    seconds = time.perf_counter() - started
+    tokens = args.steps * args.batch_size * args.seq_len
+    return {"tokens_per_s": tokens / seconds, "seconds_per_step": seconds / args.steps}
+
+
+def child(args):
+    torch.set_num_threads(args.threads)
+    engine, *rest = args.child.split(":")
+    result = run_peft(args) if engine == "peft" else run_odlora(args, *rest)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--configs", nargs="+",
+                        default=["peft", "odlora:int8:bf16", "odlora:none:bf16", "odlora:int4:bf16", "odlora:none:fp32"])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    print("command:", " ".join([sys.executable, *sys.argv]))
+    results = {}
+    for config in args.configs:
+        cmd = [sys.executable, __file__, "--child", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{config}: failed\n{out.stderr[-2000:]}")
+            continue
+        results[config] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = results[config]
+        print(f"{config:<20} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds_per_step']:6.2f} s/step  "
+              f"peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+    if "peft" in results:
+        ref = results["peft"]
+        for config, r in results.items():
+            if config != "peft":
+                print(f"{config:<20} vs peft: {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tokens/s, "
+                      f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x peak RSS")
+
+
+if __name__ == "__main__":
+    main()
