@@ -128,7 +128,6 @@ def train(model, train_data, val_data, cfg: TrainConfig, identity: dict, checkpo
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.total_steps(train_data.input_ids.shape[0])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup))
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
 
@@ -136,10 +135,11 @@ def train(model, train_data, val_data, cfg: TrainConfig, identity: dict, checkpo
     if resume:
         state = load_checkpoint(checkpoint_dir, params, optimizer, identity)
         step, history = state["step"], state["history"]
-        scheduler.last_epoch = step
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
-    else:
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    # last_epoch = step - 1 puts the schedule exactly where the checkpointed run left it.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup), last_epoch=step - 1)
+    if not resume:
         history["val"].append({"step": 0, **evaluate_loss(model, val_data)})
         log({"event": "eval", **history["val"][-1]})
 

@@ -1,0 +1,153 @@
+"""`personalize` end to end on a tiny model: learning, determinism, resume, Ctrl-C, no clobbering."""
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ondevice_lora.cli import main
+from ondevice_lora.errors import OdloraError
+from ondevice_lora.lora import LoraConfig
+from ondevice_lora.personalize import PersonalizeConfig, checkpoint_dir, personalize
+from ondevice_lora.samples import load_examples
+from ondevice_lora.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def dates_jsonl(tmp_path_factory):
+    """60 examples of the shipped `dates` task (short enough for the tiny tokenizer's 128 positions)."""
+    path = tmp_path_factory.mktemp("data") / "dates.jsonl"
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in load_examples("dates", "train")[:60]))
+    return path
+
+
+def config(model_dir, **training):
+    return PersonalizeConfig(
+        base=str(model_dir), lora=LoraConfig(rank=4, alpha=8), seq_len=128, dtype="fp32", base_quant="none",
+        training=TrainConfig(**{"steps": 12, "lr": 2e-2, "batch_size": 4, "eval_every": 0, "save_every": 0, **training}),
+    )
+
+
+def weights(adapter_dir):
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def quiet(_msg):
+    pass
+
+
+def test_training_lowers_validation_loss_and_writes_a_complete_adapter(tiny_llama_dir, dates_jsonl, tmp_path):
+    metrics = personalize(config(tiny_llama_dir), dates_jsonl, tmp_path / "ad", say=quiet)
+    assert metrics["val_loss"] < 0.8 * metrics["val_loss_before"]
+    assert metrics["steps"] == 12
+    meta = json.loads((tmp_path / "ad" / "odlora.json").read_text())
+    assert meta["base_fingerprint"].startswith("sha256:") and meta["data"]["examples"] > 0
+    assert {"adapter_config.json", "adapter_model.safetensors", "odlora.json", "train_log.jsonl"} <= {
+        p.name for p in (tmp_path / "ad").iterdir()}
+    assert not checkpoint_dir(tmp_path / "ad").exists()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_training_on_a_quantised_base_in_bf16(tiny_llama_dir, dates_jsonl, tmp_path, quant):
+    cfg = config(tiny_llama_dir)
+    cfg.base_quant, cfg.dtype = quant, "bf16"
+    metrics = personalize(cfg, dates_jsonl, tmp_path / "ad", say=quiet)
+    assert metrics["val_loss"] < 0.8 * metrics["val_loss_before"]
+
+
+def test_same_seed_same_adapter(tiny_llama_dir, dates_jsonl, tmp_path):
+    personalize(config(tiny_llama_dir, steps=4), dates_jsonl, tmp_path / "a", say=quiet)
+    personalize(config(tiny_llama_dir, steps=4), dates_jsonl, tmp_path / "b", say=quiet)
+    personalize(config(tiny_llama_dir, steps=4, seed=1), dates_jsonl, tmp_path / "c", say=quiet)
+    a, b, c = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+class Interrupt:
+    """A progress callback that presses Ctrl-C after `at` steps."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def __call__(self, record, total):
+        if record["step"] == self.at:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_an_adapter_and_resume_finishes_identically(tiny_llama_dir, dates_jsonl, tmp_path):
+    personalize(config(tiny_llama_dir, steps=8), dates_jsonl, tmp_path / "straight", say=quiet)
+    cfg = config(tiny_llama_dir, steps=8, save_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        personalize(cfg, dates_jsonl, tmp_path / "ad", say=quiet, progress=Interrupt(at=5))
+    assert json.loads((tmp_path / "ad" / "odlora.json").read_text())["interrupted"] is True
+    assert checkpoint_dir(tmp_path / "ad").exists()  # written at step 3
+    personalize(cfg, dates_jsonl, tmp_path / "ad", resume=True, say=quiet)
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "ad")
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+
+
+def test_resume_with_a_different_config_is_refused(tiny_llama_dir, dates_jsonl, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        personalize(config(tiny_llama_dir, steps=8, save_every=2), dates_jsonl, tmp_path / "ad", say=quiet,
+                    progress=Interrupt(at=3))
+    with pytest.raises(OdloraError, match="different"):
+        personalize(config(tiny_llama_dir, steps=8, save_every=2, lr=1e-4), dates_jsonl, tmp_path / "ad",
+                    resume=True, say=quiet)
+
+
+def test_a_failed_run_never_clobbers_an_existing_adapter(tiny_llama_dir, dates_jsonl, tmp_path):
+    personalize(config(tiny_llama_dir, steps=2), dates_jsonl, tmp_path / "ad", say=quiet)
+    before = (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
+
+    def crash(record, total):
+        raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        personalize(config(tiny_llama_dir, steps=4), dates_jsonl, tmp_path / "ad", say=quiet, progress=crash)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(OdloraError):
+        personalize(config(tiny_llama_dir), empty, tmp_path / "ad", say=quiet)
+    assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == before
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["odlora", *map(str, args)])
+    try:
+        main()
+        return 0, capsys.readouterr()
+    except SystemExit as e:
+        return e.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rank", "0"], "--rank"),
+    (["--targets", "c_attn"], "match no linear"),
+    (["--data", "missing.jsonl"], "missing.jsonl"),
+    (["--seq-len", "4"], "--seq-len"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tiny_llama_dir, dates_jsonl, tmp_path, monkeypatch, capsys, flags, message):
+    args = ["personalize", "--base", tiny_llama_dir, "--data", dates_jsonl, "--out", tmp_path / "ad", "--steps", 1]
+    code, out = run_cli(monkeypatch, capsys, *args, *flags)
+    assert code == 2
+    assert out.err.startswith("odlora: error:") and message in out.err and len(out.err.strip().splitlines()) == 1
+    assert not (tmp_path / "ad").exists()
+
+
+def test_no_trainable_tokens_is_an_error(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "a long prompt with nothing to learn", "completion": ""}\n' * 4)
+    code, out = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", data,
+                        "--out", tmp_path / "ad", "--steps", 1, "--seq-len", 8)
+    assert code == 2 and "trainable" in out.err
+
+
+def test_cli_json_prints_the_metrics_last(tiny_llama_dir, dates_jsonl, tmp_path, monkeypatch, capsys):
+    code, out = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", dates_jsonl,
+                        "--out", tmp_path / "ad", "--steps", 2, "--batch-size", 4, "--dtype", "fp32", "--json")
+    assert code == 0
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert result["steps"] == 2 and result["val_loss"] > 0
