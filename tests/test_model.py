@@ -121,3 +121,19 @@ def test_from_hf_config_rejects_unsupported(change, named):
 )
 def test_from_hf_config_maps_fields(change, field, value):
     assert getattr(ModelArgs.from_hf_config({**HF_CONFIG, **change}), field) == value
+
+
+def test_sharded_checkpoint_loads_like_the_single_file(tiny_llama_dir, tmp_path):
+    """A checkpoint split over several safetensors files with an index loads the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).save_pretrained(str(tmp_path), max_shard_size="100KB")
+    for f in tiny_llama_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    single, sharded = load_base(str(tiny_llama_dir)), load_base(str(tmp_path))
+    assert sharded.fingerprint == single.fingerprint
+    tokens = torch.randint(0, 300, (1, 8))
+    assert torch.equal(sharded.model(tokens), single.model(tokens))

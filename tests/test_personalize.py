@@ -151,3 +151,17 @@ def test_cli_json_prints_the_metrics_last(tiny_llama_dir, dates_jsonl, tmp_path,
     assert code == 0
     result = json.loads(out.out.strip().splitlines()[-1])
     assert result["steps"] == 2 and result["val_loss"] > 0
+
+
+def test_activation_checkpointing_gives_the_same_adapter(tiny_llama_dir, dates_jsonl, tmp_path):
+    personalize(config(tiny_llama_dir, steps=3), dates_jsonl, tmp_path / "plain", say=quiet)
+    personalize(config(tiny_llama_dir, steps=3, activation_checkpointing=True), dates_jsonl, tmp_path / "ckpt", say=quiet)
+    plain, ckpt = weights(tmp_path / "plain"), weights(tmp_path / "ckpt")
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
+
+
+def test_early_stopping_ends_the_run(tiny_llama_dir, dates_jsonl, tmp_path):
+    # A learning rate this high makes validation loss worse at once; patience 1 stops at the first check.
+    metrics = personalize(config(tiny_llama_dir, steps=40, lr=5.0, eval_every=2, early_stopping=1),
+                          dates_jsonl, tmp_path / "ad", say=quiet)
+    assert metrics["steps"] < 40
