@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import OdloraError
@@ -131,10 +132,12 @@ class LoRALinear(nn.Module):
         return self.lora_A.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The update runs in the factors' dtype (fp32 while training, whatever the base's is):
-        # it is ~1% of the FLOPs and keeps small gradients from rounding away in bf16.
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return self.base_layer(x) + (update * self.scaling).to(x.dtype)
+        # Mixed precision as autocast does it: the small factors are cast to the activations'
+        # dtype (bf16 while training fast), never the large activations to the factors' fp32;
+        # A and B themselves, their gradients and the optimiser state stay fp32.
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        update = F.linear(F.linear(self.lora_dropout(x), a), b)
+        return self.base_layer(x) + update * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · B A in fp32 (out, in)."""
