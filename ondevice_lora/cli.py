@@ -276,6 +276,52 @@ def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, 
     click.echo(json.dumps({**summary, "files": sizes}) if as_json else print_fields(summary))
 
 
+
+# -- runtime ----------------------------------------------------------------------------------
+
+@cli.command("run")
+@click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path), help="An `odlora export` directory.")
+@click.option("--adapter", "adapters", multiple=True, metavar="FILE[:WEIGHT]",
+              help="Packed adapter blob (`odlora adapter pack`), optionally with a weight; repeat to blend several.")
+@click.option("--prompt", required=True, help="The user's text.")
+@click.option("--backend", default=None, type=click.Choice(["onnx", "executorch", "torch"]),
+              help="Default: the export's target; torch runs the PyTorch reference of the exported graph.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 means greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="Sample from the k most likely tokens (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass.")
+@click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text).")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--no-chat", is_flag=True, help="Feed the prompt as raw text, without the chat template.")
+@json_option
+def run_cmd(export_dir, adapters, prompt, backend, max_new_tokens, temperature, top_k, top_p, seed, stop, no_chat, as_json):
+    """Run one request on an exported base with packed adapters; prints the completion, streamed."""
+    from .generate import SamplingConfig
+    from .runtime import Runtime
+
+    cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
+    cfg.validate()
+    rt = Runtime.open(export_dir, backend=backend)
+    ids: dict[Path, str] = {}  # blob -> its id: the file's stem, made unique
+    weighted = []
+    for spec in adapters:
+        path, weight = parse_weighted(spec)
+        blob = Path(path).resolve()
+        if blob not in ids:
+            stem, name, n = Path(path).stem, Path(path).stem, 1
+            while name in ids.values():
+                n += 1
+                name = f"{stem}-{n}"
+            ids[blob] = name
+            rt.register_adapter(name, blob)
+        weighted.append((ids[blob], weight))
+    stream = lambda piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
+    result = rt.generate(prompt, adapter=weighted or None, sampling=cfg, on_text=stream, chat=not no_chat)
+    sys.stdout.write("\n")
+    if as_json:
+        click.echo(json.dumps({"text": result.text, "adapter": result.adapter, "tokens": len(result.token_ids),
+                               "seconds": round(result.seconds, 4)}))
+
 def main():
     try:
         cli.main(standalone_mode=False)

@@ -75,30 +75,48 @@ def generate_tokens(model, prompt_ids: list[int], cfg: SamplingConfig, stop_ids:
         model.drop_cache()
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters could still grow into a stop string (or are a partial UTF-8 char)."""
-    if text.endswith("\ufffd"):
-        return 1
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+class TextStream:
+    """Decode a growing list of token ids into text as generation goes: cut at the first stop
+    string, and pass `on_text` only text that is final (not a possible start of a stop string,
+    not half a UTF-8 character)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str],
+                 on_text: Optional[Callable[[str], None]] = None):
+        self.decode, self.stops, self.on_text = decode, stops, on_text
+        self.tokens: list[int] = []
+        self.text, self.emitted = "", 0
+
+    def push(self, token: int) -> bool:
+        """Add a token; True when a stop string has ended the text."""
+        self.tokens.append(token)
+        self.text = self.decode(self.tokens)
+        hits = [self.text.index(s) for s in self.stops if s in self.text]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return True
+        self._emit(len(self.text) - self._held_back())
+        return False
+
+    def close(self) -> str:
+        self._emit(len(self.text))
+        return self.text
+
+    def _held_back(self) -> int:
+        if self.text.endswith("\ufffd"):
+            return 1
+        return max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+
+    def _emit(self, upto: int) -> None:
+        if self.on_text and upto > self.emitted:
+            self.on_text(self.text[self.emitted: upto])
+            self.emitted = upto
 
 
 def generate_text(model, tokenizer, prompt_ids: list[int], cfg: SamplingConfig, stop_ids: set[int],
                   on_text: Optional[Callable[[str], None]] = None) -> str:
     """Generate and decode; stream final text pieces to `on_text`; cut at the first stop string."""
-    tokens: list[int] = []
-    emitted = 0
-    text = ""
+    stream = TextStream(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), cfg.stop, on_text)
     for token in generate_tokens(model, prompt_ids, cfg, stop_ids):
-        tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        hits = [text.index(s) for s in cfg.stop if s in text]
-        if hits:
-            text = text[: min(hits)]
+        if stream.push(token):
             break
-        safe = len(text) - _held_back(text, cfg.stop)
-        if on_text and safe > emitted:
-            on_text(text[emitted:safe])
-            emitted = safe
-    if on_text and len(text) > emitted:
-        on_text(text[emitted:])
-    return text
+    return stream.close()

@@ -1,0 +1,543 @@
+"""ExecuTorch target: one XNNPACK-lowered program with adapter slots and an in-program KV cache.
+
+    odlora export --target executorch [--quant 8da4w] out/          # model.pte + model.ptd
+    odlora adapter pack my-adapter out/ my-adapter.slots             # safetensors of the slot tensors
+
+The program has two methods over the same weights and one shared KV cache (mutable buffers):
+
+    forward(tokens (1, 1), input_pos (1,), *slots) -> logits (1, 1, vocab)     one decode step
+    prefill(tokens (1, C), input_pos (C,), *slots) -> logits (1, C, vocab)     C consecutive positions
+
+both static-shaped: XNNPACK refuses reshapes with a symbolic size, so a dynamic T would cut the
+delegate at every view. Prompts run in C-token chunks (the last one right-aligned, or padded when
+the prompt is shorter than C; see `ExecutorchSession.forward`). The slots come as one input per
+layer and slot tensor (`slot_input_names`), read in place: zeros give exactly the base.
+
+To keep the XNNPACK delegate whole (one partition per method, two with a tied embedding, instead
+of several per layer: the design notes' measured warning) the model goes through rewrites first:
+
+- attention reads the cache *before* this chunk is written (old positions < input_pos[0]) and
+  attends to the chunk's own keys separately, so the cache write is a leaf of the graph instead of
+  a cut between two partitions; grouped-query heads share their KV head by reshaping q, not by
+  repeating the cache; RoPE's half-rotation uses slices (XNNPACK has no split).
+- RMSNorm takes its mean of squares as a matmul with a constant 1/dim column (XNNPACK's mean
+  only averages the two inner dims of 4-D tensors).
+- matmuls whose right operand is a runtime tensor (the slots) become bmm: XNNPACK's mm/linear
+  wants a constant weight, its bmm takes two runtime operands.
+
+Quantisation (`QUANTS`) applies to the frozen base's linears and embedding only, never the slots:
+`8da4w` is torchao's int8 dynamic activation + int4 weight (groups of 32), `8da8w` the same with
+int8 per-channel weights; both run as XNNPACK's quantised GEMMs. The embedding table is stored
+int8 (per row) by both, so a tied embedding does not keep an fp32 copy of the vocabulary matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import OdloraError
+from .slots import SlotSpec, SlottedModel
+
+QUANTS = ("fp32", "8da4w", "8da8w")
+PROGRAM, DATA = "model.pte", "model.ptd"
+PREFILL_CHUNK = 32  # tokens per prefill call; see the module docstring
+GROUP_SIZE = 32  # int4 weight group
+
+
+# -- backend rewrites: pure functions module -> module ----------------------------------------
+
+class XnnpackRMSNorm(nn.Module):
+    """RMSNorm with its mean of squares as `x² @ (1/dim)`: a constant-weight matmul XNNPACK takes."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+        dim = norm.weight.shape[0]
+        self.register_buffer("inv_dim", torch.full((1, dim), 1.0 / dim), persistent=False)
+
+    def forward(self, x):
+        # No dtype round trip for fp32 input: a no-op `to` still lowers to an alias, which XNNPACK
+        # does not take, and would cut the delegate at every norm.
+        xf = x if x.dtype == torch.float32 else x.float()
+        mean_square = F.linear(xf * xf, self.inv_dim)  # (..., 1)
+        y = xf * torch.rsqrt(mean_square + self.eps)
+        return self.weight * (y if y.dtype == x.dtype else y.to(x.dtype))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class XnnpackAttention(nn.Module):
+    """The model's attention over a static KV cache, in ops XNNPACK takes without cuts.
+
+    For a chunk of T consecutive positions p..p+T-1, each query attends to the cache slots
+    before p (written by earlier calls) and causally to the chunk's own keys; the chunk's keys
+    and values are written to the cache last, so nothing in the layer waits on that write.
+    Exactly the reference's attention to every position <= its own.
+    """
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        if hasattr(attn, "q_norm"):
+            self.q_norm, self.k_norm = XnnpackRMSNorm(attn.q_norm), XnnpackRMSNorm(attn.k_norm)
+        self.kv_cache = attn.kv_cache
+
+    def forward(self, x, cos, sin, masks, input_pos):
+        B, T, _ = x.shape  # B == 1: the cache holds one sequence
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        group = H // Hkv
+        q = self.q_proj(x).view(B, T, H, hd)
+        k = self.k_proj(x).view(B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, Hkv, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # Query heads h*group .. h*group+group-1 share KV head h: fold them into the row axis.
+        q = (q * (1.0 / math.sqrt(hd))).reshape(B * Hkv, group * T, hd)
+        k_new, v_new = k.reshape(B * Hkv, T, hd), v.reshape(B * Hkv, T, hd)
+        S = self.kv_cache.k_cache.shape[2]
+        k_old = self.kv_cache.k_cache.view(B * Hkv, S, hd)  # before this chunk is written
+        v_old = self.kv_cache.v_cache.view(B * Hkv, S, hd)
+        old_mask, new_mask = masks  # (1, 1, S), (1, group*T, T): 0 or -inf
+        # k_old @ qᵀ then transpose: the transpose moves (group*T, S) scores, not the whole cache.
+        old = torch.bmm(k_old, q.transpose(1, 2)).transpose(1, 2) + old_mask  # (B*Hkv, group*T, S)
+        new = torch.bmm(q, k_new.transpose(1, 2)) + new_mask  # (B*Hkv, group*T, T)
+        p = torch.softmax(torch.cat((old, new), dim=-1), dim=-1)
+        y = torch.bmm(p[..., :S], v_old) + torch.bmm(p[..., S:], v_new)  # (B*Hkv, group*T, hd)
+        self.kv_cache.update(input_pos, k, v)
+        y = y.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+        return self.o_proj(y)
+
+
+def replace_attention(model: nn.Module) -> nn.Module:
+    for layer in model.model.layers:
+        layer.self_attn = XnnpackAttention(layer.self_attn)
+    return model
+
+
+def replace_rms_norm(model: nn.Module) -> nn.Module:
+    for layer in model.model.layers:
+        layer.input_layernorm = XnnpackRMSNorm(layer.input_layernorm)
+        layer.post_attention_layernorm = XnnpackRMSNorm(layer.post_attention_layernorm)
+    model.model.norm = XnnpackRMSNorm(model.model.norm)
+    return model
+
+
+REWRITES = [replace_attention, replace_rms_norm]
+
+
+class CachedDecoder(nn.Module):
+    """`forward(tokens, input_pos) -> logits` over the rewritten layers: RoPE tables and the
+    two attention masks are computed once per call, not once per layer."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.args = model.args
+        self.model, self.lm_head = model.model, model.lm_head
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+        self.cache_len = model.cache_len
+
+    def forward(self, tokens, input_pos):
+        T = tokens.shape[1]
+        group = self.args.n_heads // self.args.n_kv_heads
+        x = self.model.embed_tokens(tokens)  # (1, T, dim)
+        cos = self.rope_cos[input_pos][None, None]  # (1, 1, T, hd), fp32 like the model
+        sin = self.rope_sin[input_pos][None, None]
+        slots = torch.arange(self.cache_len)
+        old_mask = torch.where(slots < input_pos[:1], 0.0, float("-inf")).view(1, 1, -1)
+        causal = torch.full((T, T), float("-inf")).triu(1)
+        new_mask = causal.repeat(group, 1)[None]  # rows are (head in group, position)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, (old_mask, new_mask), input_pos)
+        return self.lm_head(self.model.norm(x))
+
+
+def prepare(model: nn.Module, max_seq_len: int) -> CachedDecoder:
+    """A copy of `model` with a 1 x max_seq_len KV cache and the XNNPACK rewrites applied."""
+    model = copy.deepcopy(model)
+    model.setup_cache(1, max_seq_len)
+    for rewrite in REWRITES:
+        model = rewrite(model)
+    return CachedDecoder(model).eval()
+
+
+def weight_inputs(ep) -> set[str]:
+    """Placeholder names of an exported program's constants: parameters, buffers it never
+    mutates (not the KV cache), lifted constants."""
+    sig = ep.graph_signature
+    mutated = set(sig.buffers_to_mutate.values())
+    names = set(sig.inputs_to_parameters) | set(sig.inputs_to_lifted_tensor_constants)
+    return names | {name for name, buffer in sig.inputs_to_buffers.items() if buffer not in mutated}
+
+
+def xnnpack_graph_rewrites(ep) -> None:
+    """Two graph rewrites in place, each removing an op XNNPACK refuses, which would cut the delegate:
+
+    - a matmul by a 2-D right operand computed at run time (the slot tensors) becomes a 3-D bmm:
+      XNNPACK's mm and linear take only a constant weight, its bmm two runtime operands;
+    - `alias` (what a full-width slice such as a single-member group's rank slice becomes) and
+      a `to` that keeps the dtype are dropped.
+    """
+    aten = torch.ops.aten
+    static = weight_inputs(ep)
+    graph = ep.graph_module.graph
+    runtime = set()
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.name not in static:
+            runtime.add(node)
+        if node.op != "call_function":
+            continue
+        if any(n in runtime for n in node.all_input_nodes):
+            runtime.add(node)
+        if (node.target in (aten.alias.default, aten.to.dtype) and node.args[0].op != "placeholder"
+                and node.args[0].meta["val"].dtype == node.meta["val"].dtype):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            continue
+        if node.target not in (aten.matmul.default, aten.mm.default):
+            continue
+        a, b = node.args
+        if b not in runtime or b.meta["val"].dim() != 2:
+            continue
+        lead, (k, n) = list(a.meta["val"].shape[:-1]), b.meta["val"].shape
+        rows = math.prod(lead)
+        with graph.inserting_before(node):
+            # (1, rows, k) @ (1, k, n); reshapes only where the shapes differ (each is a graph node,
+            # and every node costs export time in each of ExecuTorch's many passes).
+            a3 = a if lead == [1, rows] else graph.call_function(aten.reshape.default, (a, [1, rows, k]))
+            b3 = graph.call_function(aten.reshape.default, (b, [1, k, n]))  # XNNPACK unsqueezes only the last dim
+            y3 = graph.call_function(aten.bmm.default, (a3, b3))
+            y = y3 if lead == [1, rows] else graph.call_function(aten.reshape.default, (y3, lead + [n]))
+        if a3 is not a:
+            a3.meta["val"] = a.meta["val"].reshape(1, rows, k)
+        b3.meta["val"] = b.meta["val"].reshape(1, k, n)
+        y3.meta["val"] = torch.bmm(a3.meta["val"], b3.meta["val"])
+        if y is not y3:
+            y.meta["val"] = y3.meta["val"].reshape(lead + [n])
+        for new in {a3, b3, y3, y} - {a}:
+            new.meta.update({key: node.meta[key] for key in ("stack_trace", "nn_module_stack") if key in node.meta})
+            runtime.add(new)
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+    ep.graph_module.recompile()
+
+
+class PerLayerSlots(nn.Module):
+    """The slotted model with one input per layer and slot tensor, layer-major (`slot_input_names`).
+
+    The program then reads each layer's slots in place: taking layer i out of a stacked 3-D input
+    is a copy per call in ExecuTorch (select_copy), about 20 MB per decoded token for rank-16
+    slots on SmolLM2. SlottedModel indexes its slot arguments by layer, so per-layer lists feed it.
+    """
+
+    def __init__(self, slotted: SlottedModel):
+        super().__init__()
+        self.slotted, self.n = slotted, len(slotted.slot_names)
+
+    def forward(self, tokens, input_pos, *per_layer):
+        return self.slotted(tokens, input_pos, *(list(per_layer[k::self.n]) for k in range(self.n)))
+
+
+def slot_input_names(spec: SlotSpec) -> list[str]:
+    return [f"{name}.{layer}" for layer in range(spec.n_layers) for name in spec.layout()]
+
+
+def per_layer(slots: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Stacked slot tensors -> the program's per-layer inputs, as views (no copy)."""
+    stacked = list(slots.values())
+    return [t[layer] for layer in range(stacked[0].shape[0]) for t in stacked]
+
+
+# -- quantisation of the frozen base ----------------------------------------------------------
+
+def quantize_base(model: nn.Module, quant: str) -> nn.Module:
+    """torchao quantisation of the base's linears and embedding; slot tensors are inputs and stay fp32."""
+    if quant == "fp32":
+        return model
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.utils import unwrap_tensor_subclass
+
+    weights = {"8da4w": (torch.int4, PerGroup(GROUP_SIZE)), "8da8w": (torch.int8, PerAxis(0))}
+    dtype, granularity = weights[quant]
+    with torch.no_grad():
+        quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+                  filter_fn=lambda m, _: isinstance(m, nn.Embedding))
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity),
+                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and "lora_" not in fqn
+                  and (dtype == torch.int8 or m.in_features % GROUP_SIZE == 0))
+    return unwrap_tensor_subclass(model)  # plain tensors export as plain weights (and keep their tags)
+
+
+# -- export -----------------------------------------------------------------------------------
+
+def tag_weights(ep, tag: str) -> None:
+    """Mark every weight for the named data file: XNNPACK then stores its constants there, not in
+    the program (the tag `delegate_external_constants_pass_unlifted` sets, set on the lifted graph)."""
+    weights = weight_inputs(ep)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in weights:
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
+
+
+def count_delegates(graph_module) -> int:
+    return sum(1 for n in graph_module.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target))
+
+
+def export_program(model: nn.Module, spec: Optional[SlotSpec], out_dir: Path, quant: str, max_seq_len: int,
+                   config: Optional[dict] = None) -> dict:
+    """Write model.pte (program) and model.ptd (weights) into out_dir; returns the manifest fields.
+
+    `model` is not modified (the export works on a copy). `spec=None` exports without slots (the
+    bench's comparison). `config` (the base's config.json dict), when given, supplies the BOS/EOS
+    ids the ExecuTorch LLM runner reads from the program.
+    """
+    if quant not in QUANTS:
+        raise OdloraError(f"unknown ExecuTorch quantisation {quant!r} (choose from {', '.join(QUANTS)})")
+    decoder = quantize_base(prepare(model, max_seq_len), quant)
+    module = PerLayerSlots(SlottedModel(decoder, spec)).eval() if spec is not None else decoder
+    slots = tuple(per_layer(spec.zeros())) if spec is not None else ()
+    chunk = min(PREFILL_CHUNK, max_seq_len)
+    delegates = lower(module, {"forward": 1, "prefill": chunk}, slots, Path(out_dir),
+                      metadata=runner_metadata(decoder.args, max_seq_len, chunk, config), quantised=quant != "fp32")
+    return {"executorch": {
+        "program": PROGRAM, "data": DATA, "methods": {"forward": 1, "prefill": chunk},
+        "inputs": ["tokens", "input_pos", *(slot_input_names(spec) if spec is not None else ())],
+        "delegate_partitions": delegates, "backend": "xnnpack",
+    }}
+
+
+def lower(module: nn.Module, methods: dict[str, int], extra_inputs: tuple, out_dir: Path, metadata: dict,
+          quantised: bool) -> dict[str, int]:
+    """export -> graph rewrites -> edge + XNNPACK -> out_dir/model.pte + model.ptd, one method per
+    (name, T) in `methods` over the same weights and KV cache; returns delegate partitions per method."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    tag = DATA.removesuffix(".ptd")
+    programs = {}
+    with torch.no_grad():
+        for method, T in methods.items():
+            example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T)) + extra_inputs
+            ep = torch.export.export(module, example, strict=False)
+            xnnpack_graph_rewrites(ep)
+            tag_weights(ep, tag)
+            programs[method] = ep
+    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+    delegates = {method: count_delegates(edge.exported_program(method).graph_module) for method in programs}
+    program = edge.to_executorch(ExecutorchBackendConfig(
+        # Weights outside the delegate go to the .ptd too; constants the compiler folded (masks,
+        # per method and shape, under one name in every method) stay in the program.
+        external_constants=lambda node: None if "_tensor_constant" in node.name else tag,
+        # One KV cache for all methods; inputs read where the caller keeps them, not copied in.
+        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True, alloc_graph_input=False),
+        emit_mutable_buffer_names=True,
+        run_reinplace_pass=True,  # the cache write in place, not a copy of the cache per call
+        do_quant_fusion_and_const_prop=quantised,  # dequantise + embedding -> a quantised embedding op
+    ))
+    with open(out_dir / PROGRAM, "wb") as f:
+        program.write_to_file(f)
+    program.write_tensor_data_to_file(str(out_dir))
+    return delegates
+
+
+def runner_metadata(args, max_seq_len: int, chunk: int, config: Optional[dict]) -> dict:
+    """Constant methods the ExecuTorch LLM runner reads (`get_max_seq_len`, ...)."""
+    meta = {"get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len, "get_vocab_size": args.vocab_size,
+            "use_kv_cache": True, "use_sdpa_with_kv_cache": False, "enable_dynamic_shape": False,
+            "get_n_layers": args.n_layers, "get_prefill_chunk": chunk}
+    if config:
+        if config.get("bos_token_id") is not None:
+            meta["get_bos_id"] = int(config["bos_token_id"])
+        eos = config.get("eos_token_id")
+        if eos is not None:
+            meta["get_eos_ids"] = [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    return meta
+
+
+# -- adapters ---------------------------------------------------------------------------------
+
+SLOTS_FORMAT = "odlora-executorch-slots"
+
+
+def pack_slots(slots: dict[str, torch.Tensor], manifest: dict, out_file: Path) -> None:
+    """The adapter blob: its slot tensors as safetensors, passed to the program as method inputs.
+
+    Stored at the adapter's own rank r (the slots' all-zero tail beyond r dropped, restored on
+    load), so a rank-8 adapter for rank-16 slots takes half the bytes. Inputs rather than a
+    second .ptd: the Python runtime loads one data file per program, and swapping adapters then
+    needs no reload (the bench script measures what inputs cost).
+    """
+    from safetensors.torch import save_file
+
+    spec = SlotSpec.from_dict(manifest["slots"])
+    if list(slots) != list(spec.layout()):
+        raise OdloraError(f"slot tensors {list(slots)} do not match the export's layout {list(spec.layout())}")
+    rank = used_rank(slots, spec)
+    meta = {"format": SLOTS_FORMAT, "target": "executorch", "base_fingerprint": manifest["base_fingerprint"],
+            "rank": str(rank)}
+    save_file(resize_rank(slots, spec, spec.max_rank, rank), str(out_file), metadata=meta)
+
+
+def used_rank(slots: dict[str, torch.Tensor], spec: SlotSpec) -> int:
+    """The smallest r such that every member's rank slice is zero beyond r (at least 1)."""
+    used = torch.zeros(spec.max_rank, dtype=torch.bool)
+    for group, members in spec.groups().items():
+        A, B = slots[f"lora_A_{group}"], slots[f"lora_B_{group}"]
+        used |= B.abs().amax(dim=(0, 1)) > 0
+        used |= A.abs().amax(dim=(0, 2)).view(len(members), spec.max_rank).amax(dim=0) > 0
+    return max(1, int(used.nonzero().max()) + 1 if used.any() else 1)
+
+
+def resize_rank(slots: dict[str, torch.Tensor], spec: SlotSpec, old: int, new: int) -> dict[str, torch.Tensor]:
+    """Slot tensors laid out for rank `old` -> rank `new`: each member's rank slice cut or zero-padded."""
+    out, keep = {}, min(old, new)
+    for group, members in spec.groups().items():
+        A, B = slots[f"lora_A_{group}"].float(), slots[f"lora_B_{group}"].float()
+        L, _, in_features = A.shape
+        A_new = torch.zeros(L, len(members) * new, in_features)
+        for m in range(len(members)):
+            A_new[:, m * new: m * new + keep] = A[:, m * old: m * old + keep]
+        B_new = torch.zeros(L, B.shape[1], new)
+        B_new[..., :keep] = B[..., :keep]
+        out[f"lora_A_{group}"], out[f"lora_B_{group}"] = A_new, B_new
+    return out
+
+
+def read_slots(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """Load a packed adapter as the export's full-rank slot tensors, checking it was packed for
+    this export's base and slot layout."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise OdloraError(f"{path}: no such packed adapter") from None
+    except (SafetensorError, OSError) as e:
+        raise OdloraError(f"{path}: not a packed ExecuTorch adapter ({e})") from None
+    if meta.get("format") != SLOTS_FORMAT:
+        raise OdloraError(f"{path}: not a packed ExecuTorch adapter (format {meta.get('format')!r})")
+    if meta.get("base_fingerprint") != manifest["base_fingerprint"]:
+        raise OdloraError(f"{path}: packed for base {str(meta.get('base_fingerprint'))[:19]}..., "
+                          f"this export is {manifest['base_fingerprint'][:19]}... (a different base)")
+    spec = SlotSpec.from_dict(manifest["slots"])
+    rank = int(meta.get("rank", spec.max_rank))
+    for name, shape in spec.layout().items():
+        stored = [shape[0], shape[1] // spec.max_rank * rank, shape[2]] if "lora_A" in name else shape[:2] + [rank]
+        if name not in tensors or list(tensors[name].shape) != stored or not 1 <= rank <= spec.max_rank:
+            raise OdloraError(f"{path}: slot tensor {name} is missing or not {stored}")
+    return resize_rank(tensors, spec, rank, spec.max_rank)
+
+
+# -- runtime ----------------------------------------------------------------------------------
+
+class ExecutorchSession:
+    """An ExecuTorch export loaded once, run with any packed adapter or none (exactly the base).
+
+        session = ExecutorchSession("out/")
+        adapter = session.load_adapter("my-adapter.slots")
+        logits = session.forward(prompt_ids, 0, adapter)            # (1, T, vocab)
+        ids = session.greedy(prompt_ids, 20, adapter)
+
+    The KV cache lives in the program (mutable buffers shared by `forward` and `prefill`). No reset
+    between sequences is needed: a call at positions p.. reads only cache slots before p, so a new
+    sequence from position 0 never sees the old one. Adapters may change between any two calls,
+    but a sequence's cache holds keys and values computed under the adapter active at the time.
+    """
+
+    def __init__(self, export_dir: Path, threads: Optional[int] = None):
+        from executorch.runtime import Runtime
+
+        from .export import read_manifest
+
+        import executorch.kernels.quantized  # noqa: F401  registers the quantised embedding kernels
+
+        if threads:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+            _unsafe_reset_threadpool(threads)
+        self.dir = Path(export_dir)
+        self.manifest = read_manifest(self.dir, verify=False)
+        if self.manifest["target"] != "executorch":
+            raise OdloraError(f"{self.dir}: a {self.manifest['target']} export, not an ExecuTorch one")
+        fields = self.manifest["executorch"]
+        data = self.dir / fields["data"] if fields.get("data") else None
+        self.program = Runtime.get().load_program(self.dir / fields["program"], data_path=data)
+        self.decode = self.program.load_method("forward")
+        self.prefill = self.program.load_method("prefill")
+        self.chunk = fields["methods"]["prefill"]
+        self.max_seq_len = self.manifest["max_seq_len"]
+        self._zeros = SlotSpec.from_dict(self.manifest["slots"]).zeros()  # the base, allocated once
+        self._zero_inputs = per_layer(self._zeros)
+        self._adapter = self._adapter_inputs = None
+
+    def load_adapter(self, path: Path) -> dict[str, torch.Tensor]:
+        return read_slots(path, self.manifest)
+
+    def _run(self, method, tokens, positions, slots) -> torch.Tensor:
+        return method.execute([tokens.contiguous(), positions.contiguous(), *slots])[0]
+
+    def forward(self, tokens, input_pos, adapter: Optional[dict] = None) -> torch.Tensor:
+        """Logits (1, T, vocab) for T tokens at consecutive positions from `input_pos` (an int
+        or the (T,) positions), writing their keys and values into the cache."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
+        T = tokens.shape[1]
+        start = int(input_pos) if isinstance(input_pos, int) else int(torch.as_tensor(input_pos).reshape(-1)[0])
+        positions = torch.arange(start, start + T)
+        if not isinstance(input_pos, int) and not torch.equal(torch.as_tensor(input_pos).reshape(-1), positions):
+            raise OdloraError("input_pos must be consecutive positions")
+        if start < 0 or start + T > self.max_seq_len:
+            raise OdloraError(f"positions {start}..{start + T - 1} are outside this export's {self.max_seq_len}")
+        if adapter is not self._adapter:  # the per-layer views of the last adapter, kept
+            self._adapter, self._adapter_inputs = adapter, per_layer(adapter) if adapter is not None else None
+        slots = self._zero_inputs if adapter is None else self._adapter_inputs
+        if T == 1:
+            return self._run(self.decode, tokens, positions, slots)
+        C, done, outs = self.chunk, 0, []
+        while T - done >= C:
+            outs.append(self._run(self.prefill, tokens[:, done:done + C], positions[done:done + C], slots))
+            done += C
+        rest = T - done
+        if rest and T >= C:
+            # Right-align the last chunk: its first C - rest tokens are recomputed and rewrite the
+            # same keys and values.
+            outs.append(self._run(self.prefill, tokens[:, T - C:], positions[T - C:], slots)[:, C - rest:])
+        elif rest and start + C <= self.max_seq_len:
+            # Pad a short prompt to C tokens: the pad positions are written but never read, since
+            # every later call reads only the slots before its own first position.
+            padded = torch.cat((tokens, torch.zeros(1, C - rest, dtype=torch.long)), dim=1)  # T == rest here
+            outs.append(self._run(self.prefill, padded, torch.arange(start, start + C), slots)[:, :rest])
+        elif rest:  # too close to the end of the cache to pad: one token at a time
+            outs += [self._run(self.decode, tokens[:, i:i + 1], positions[i:i + 1], slots) for i in range(done, T)]
+        return torch.cat(outs, dim=1)
+
+    def greedy(self, prompt_ids: list[int], n: int, adapter: Optional[dict] = None,
+               stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """Up to n greedy tokens after the prompt, a new sequence from position 0 (stop token excluded)."""
+        logits = self.forward(prompt_ids, 0, adapter)
+        out = []
+        for pos in range(len(prompt_ids), len(prompt_ids) + n):
+            token = int(logits[0, -1].argmax())
+            if token in stop_ids:
+                break
+            out.append(token)
+            if len(out) == n or pos == self.max_seq_len:
+                break
+            logits = self.forward([token], pos, adapter)
+        return out

@@ -1,0 +1,488 @@
+"""ONNX Runtime target: one `.onnx` graph (+ external data) with the KV cache and adapter slots as IO.
+
+    odlora export --target onnx --quant int4 out/          # or fp32 (default), int8
+    odlora adapter pack my-adapter out/ my.onnx_adapter
+
+The graph, one for prefill and decode (T is dynamic, the cache length is fixed):
+
+    (tokens[1,T] int64, input_pos[T] int64,
+     past_key_0, past_value_0, ..., past_value_{L-1}      each (1, n_kv, max_seq_len, head_dim) fp32,
+     lora_A_qkv.0, lora_B_qkv.0, ..., lora_B_down.{L-1})  layer i of each SlotSpec.layout() tensor
+      -> (logits[1,T,vocab], present_key_0, present_value_0, ...)
+
+Rewrites before torch.export, pure functions on the model (the model file stays export-generic):
+`replace_attention_with_grouped` (GQA without copying the cache per query head) and
+`replace_kv_cache_with_io` (ONNX Runtime wants a functional graph: past-in / present-out
+tensors instead of in-place buffers; present = past with positions `input_pos` overwritten,
+and the runtime feeds present back as the next call's past). The slotted linears are
+`slots.SlottedModel`'s, fed one graph input per layer (see `CacheIOModel` for why).
+
+Slots: every slot input also has an all-zero *sparse* initializer of the same name. ONNX Runtime
+treats an initializer that is also a graph input as overridable: with no adapter active it uses
+the zeros (exactly the base, and no bytes in the files), and `RunOptions.add_active_adapter`
+with a `LoraAdapter` (an `.onnx_adapter` file from `pack_slots`, memory-mapped) feeds the
+adapter's tensors under those names. Measured on ORT 1.32: an *empty* default (`[L,0,in]`, what
+Olive's ExtractAdapters writes for its per-projection inputs) breaks here, because ORT fuses our
+fixed-rank slices into a Split that rejects a zero-size axis; full-size dense zeros work too but
+cost 4·|slots| bytes on disk.
+
+int8/int4 quantise the frozen base weights with ONNX Runtime's `MatMulNBitsQuantizer` (RTN,
+block 32, asymmetric, accuracy level 4; int4 also quantises the embedding Gather to
+GatherBlockQuantized and a tied LM head to its own MatMulNBits; int8 keeps both fp32). Slot
+inputs are never quantised: their MatMuls read graph inputs, which the quantizer skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import OdloraError
+from ..models.llama import Attention, apply_rope
+from .slots import SlotSpec, SlottedModel
+
+QUANTS = ("fp32", "int8", "int4")
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+BLOCK_SIZE = 32
+# MatMulNBits compute type 4 = int8 activations. Default base, one-token decode, 1 thread, CPU ms:
+# int8 weights 281 at level 1 (fp32 compute: ORT 1.32's CPU falls back to dequantising per call),
+# 17 at level 4; int4 20.8 -> 15.6. Perplexity barely moves (int8 26.89 -> 26.80, fp32 26.88).
+ACCURACY_LEVEL = 4
+OPSET = 21  # int4 tensors (GatherBlockQuantized's embedding) need opset 21 / IR 10
+ADAPTER_VERSION = 1  # of our .onnx_adapter content (names and layout of the slot tensors)
+
+
+# -- graph rewrites (pure functions, applied before torch.export) -------------------------------
+
+class KVCacheIO:
+    """A functional stand-in for `KVCache`: reads the past from `k_cache`/`v_cache` (set per call
+    to graph inputs) and keeps the updated copies in `present` instead of writing in place."""
+
+    def __init__(self):
+        self.k_cache: Optional[torch.Tensor] = None  # (B, n_kv, max_seq, hd), a graph input
+        self.v_cache: Optional[torch.Tensor] = None
+        self.present: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos: (T,), k/v: (B, n_kv, T, hd). `scatter` on the sequence axis lowers to one
+        # ScatterElements (a copy of the cache plus T rows); `index_copy` lowers to ScatterND
+        # between two transposes of the whole cache, three copies per cache per layer.
+        index = input_pos.view(1, 1, -1, 1).expand_as(k)
+        self.present = (self.k_cache.scatter(2, index, k), self.v_cache.scatter(2, index, v))
+        return self.present
+
+
+def replace_kv_cache_with_io(model: nn.Module) -> list[KVCacheIO]:
+    """Give every attention layer a `KVCacheIO` (replacing any `KVCache` module); returns them in layer order."""
+    caches = []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn._modules.pop("kv_cache", None)  # a registered KVCache module cannot be overwritten by a plain object
+        attn.kv_cache = KVCacheIO()
+        caches.append(attn.kv_cache)
+    return caches
+
+
+class GroupedQueryAttention(Attention):
+    """The same attention, written so that the ONNX graph never copies the KV cache per head.
+
+    `repeat_interleave` of k/v to n_heads lowers to an Expand of the whole cache (n_heads/n_kv
+    copies) and SDPA's decomposition transposes and rescales the whole expanded K. Here the
+    queries carry a group axis instead, q (B, n_kv, rep, T, hd) against k (B, n_kv, 1, S, hd)
+    by broadcasting, and the scale goes on q alone. Same maths as `Attention`.
+    """
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        B, T, _ = x.shape
+        rep = self.n_heads // self.n_kv_heads
+        q = self.q_proj(x).view(B, T, self.n_kv_heads, rep, self.head_dim)  # query head = kv·rep + r
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.permute(0, 2, 3, 1, 4)  # (B, n_kv, rep, T, hd)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos[:, :, None], sin[:, :, None]), apply_rope(k, cos, sin)
+        k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+        scores = (q * self.head_dim ** -0.5) @ k.transpose(-1, -2)[:, :, None]  # (B, n_kv, rep, T, S)
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask (1, 1, T, S)
+        y = torch.softmax(scores, dim=-1) @ v[:, :, None]  # (B, n_kv, rep, T, hd)
+        return self.o_proj(y.permute(0, 3, 1, 2, 4).reshape(B, T, -1))
+
+
+def replace_attention_with_grouped(model: nn.Module) -> None:
+    """Swap every `Attention` for `GroupedQueryAttention` (same modules and weights, new forward)."""
+    for layer in model.model.layers:
+        if type(layer.self_attn) is not Attention:
+            raise OdloraError(f"cannot export attention of type {type(layer.self_attn).__name__} to onnx")
+        layer.self_attn.__class__ = GroupedQueryAttention
+
+
+def cache_names(n_layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+def slot_input_names(spec: SlotSpec) -> list[str]:
+    """Graph inputs of the slots: `<slot>.<layer>` is layer <layer> of `spec.layout()`'s `<slot>`."""
+    return [f"{name}.{layer}" for layer in range(spec.n_layers) for name in spec.layout()]
+
+
+def per_layer_slots(slots: dict[str, torch.Tensor], spec: SlotSpec) -> dict[str, torch.Tensor]:
+    """Stacked slot tensors (`slot_tensors`' output) -> the graph's per-layer slot inputs."""
+    return {f"{name}.{layer}": slots[name][layer] for layer in range(spec.n_layers) for name in spec.layout()}
+
+
+class CacheIOModel(nn.Module):
+    """`forward(tokens, input_pos, *past_caches, *per_layer_slots) -> (logits, *present_caches)`.
+
+    The slotted linears are `SlottedModel`'s, but each layer's slice of a slot tensor is its own
+    graph input (`slot_input_names`): with the stacked (L, ...) inputs of `SlottedModel.forward`
+    ONNX Runtime copies every layer's slice out of the stack on every call (Gather/Split), which
+    measured 37% over the slot-free graph per int4 decode step against 13% for per-layer inputs
+    (1 thread, CPU time, default base, r <= 16 on all seven linears).
+    """
+
+    def __init__(self, model: nn.Module, spec: SlotSpec):
+        super().__init__()
+        replace_attention_with_grouped(model)
+        self.caches = replace_kv_cache_with_io(model)
+        self.slotted = SlottedModel(model, spec)
+
+    def forward(self, tokens, input_pos, *flat):
+        n = 2 * len(self.caches)
+        for i, cache in enumerate(self.caches):
+            cache.k_cache, cache.v_cache = flat[2 * i], flat[2 * i + 1]
+        slots = iter(flat[n:])  # slot_input_names order: layer-major, then spec.layout() order
+        for groups in self.slotted.groups:
+            named = {name: next(slots) for name in self.slotted.slot_names}
+            for group_name, group in groups.items():
+                group.set(named[f"lora_A_{group_name}"], named[f"lora_B_{group_name}"])
+        logits = self.slotted.model(tokens, input_pos=input_pos)
+        present = [t for cache in self.caches for t in cache.present]
+        for cache in self.caches:  # drop references to this call's tensors
+            cache.k_cache = cache.v_cache = cache.present = None
+        for groups in self.slotted.groups:
+            for group in groups.values():
+                group.set(None, None)
+        return (logits, *present)
+
+
+# -- export ------------------------------------------------------------------------------------
+
+def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, max_seq_len: int) -> dict:
+    """Write model.onnx + model.onnx.data into out_dir; returns the manifest's "onnx" fields.
+
+    `model` is changed in place (slots and IO caches replace its linears and KV caches).
+    """
+    import onnx
+
+    if quant not in QUANTS:
+        raise OdloraError(f"--quant {quant!r} is not supported for onnx (choose from {', '.join(QUANTS)})")
+    a = model.args
+    cache_shape = [1, a.n_kv_heads, max_seq_len, a.head_dim]
+    graph = CacheIOModel(model, spec).eval()
+    T = min(3, max_seq_len)  # not 1: torch.export would specialise T to the example's size
+    caches = [torch.zeros(cache_shape) for _ in range(2 * a.n_layers)]
+    slots = per_layer_slots(spec.zeros(), spec).values()
+    example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T), *caches, *slots)
+    t_dim = torch.export.Dim("T", min=1, max=max_seq_len)
+    dynamic = ({1: t_dim}, {0: t_dim}, (None,) * (len(example) - 2))
+    inputs = ["tokens", "input_pos", *cache_names(a.n_layers, "past"), *slot_input_names(spec)]
+    outputs = ["logits", *cache_names(a.n_layers, "present")]
+    with torch.no_grad(), quiet_toolchain():
+        program = torch.export.export(graph, example, dynamic_shapes=dynamic, strict=False)
+        onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=inputs, output_names=outputs,
+                                         opset_version=OPSET, optimize=False, verbose=False)
+        light_optimize(onnx_program.model)
+        proto = onnx_program.model_proto
+    del onnx_program, program
+    for node in proto.graph.node:  # stack traces and module paths: bytes, and this machine's file paths
+        del node.metadata_props[:]
+    quantization = quantize_weights(proto, quant)
+    add_zero_slot_defaults(proto, spec)
+    out_dir = Path(out_dir)
+    onnx.save_model(proto, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    for name in (MODEL_FILE, DATA_FILE):
+        os.chmod(out_dir / name, 0o644)  # onnx creates the data file 0600
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {"onnx": {
+        "model": MODEL_FILE, "external_data": DATA_FILE, "opset": opset, "ir_version": proto.ir_version,
+        "inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output),
+        "cache_layout": {
+            "past": cache_names(a.n_layers, "past"), "present": cache_names(a.n_layers, "present"),
+            "shape": cache_shape, "dtype": "float32", "position_axis": 2,
+            "update": "present = past with positions input_pos overwritten; feed present as the next past",
+        },
+        "slot_inputs": slot_input_names(spec),
+        "slot_input_layout": "<slot>.<layer> is layer <layer> of the stacked slot tensor <slot> (slots.layout)",
+        "slot_defaults": "zeros (sparse initializers, overridden by an active onnxruntime.LoraAdapter)",
+        "quantization": quantization,
+    }}
+
+
+@contextlib.contextmanager
+def quiet_toolchain():
+    """Silence what torch.export / torch.onnx print that is no news to our users (torchvision
+    ops skipped, deprecations inside torch); errors still raise."""
+    names = ("torch.onnx", "torch.export", "torch._export", "onnxruntime.quantization", "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def light_optimize(model) -> None:
+    """Constant folding (weight transposes become initializers) and clean-up, in place.
+
+    torch.onnx's own `optimize=True` adds onnxscript's pattern rewrites, which took 80% of a
+    ~100 s export of the default base; ONNX Runtime applies its own fusions at load anyway.
+    """
+    import onnx_ir.passes.common as passes
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.fold_constants(model)
+    for p in (passes.RemoveUnusedNodesPass(),
+              passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+              passes.DeduplicateInitializersPass(), passes.CommonSubexpressionEliminationPass()):
+        p(model)
+
+
+def fold_weight_transposes(proto) -> None:
+    """Turn `MatMul(x, Transpose(W))` with W an initializer into `MatMul(x, Wᵀ)`, in place.
+
+    A tied LM head reads the embedding through a Transpose (the embedding Gather reads it as
+    is), which hides it from the quantizer: MatMulNBits only replaces MatMuls whose weight is
+    an initializer. The transposed copy is what gets quantised; the Gather keeps its own.
+    """
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in proto.graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    keep = []
+    for node in proto.graph.node:
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        weight = initializers.get(node.input[0]) if node.op_type == "Transpose" else None
+        users = consumers.get(node.output[0], [])
+        if (weight is None or len(weight.dims) != 2 or perm not in ([], [[1, 0]])
+                or not users or any(u.op_type != "MatMul" or list(u.input).index(node.output[0]) != 1 for u in users)):
+            keep.append(node)
+            continue
+        array = numpy_helper.to_array(weight).T.copy()
+        proto.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+
+
+def describe(values) -> list[dict]:
+    """Graph inputs/outputs as {"name", "shape", "dtype"}; symbolic dimensions by name."""
+    from onnx import helper
+
+    return [{"name": v.name,
+             "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+             "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name} for v in values]
+
+
+def quantize_weights(proto, quant: str) -> Optional[dict]:
+    """Replace constant-weight MatMuls by MatMulNBits (int4/int8), in place; returns what was done."""
+    if quant == "fp32":
+        return None
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:] = handlers  # its import calls logging.basicConfig(level=INFO)
+    root.setLevel(level)
+    bits = {"int8": 8, "int4": 4}[quant]
+    # The quantizer packs Gather (the embedding) only to 4 bits. At 8 bits the embedding stays fp32,
+    # and so does a tied LM head, which reads it through a Transpose: no bytes added, and the
+    # logits keep fp32 weights. At 4 bits the head gets its own (transposed) copy to quantise.
+    op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
+    if bits == 4:
+        fold_weight_transposes(proto)
+    with quiet_toolchain():
+        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False,
+                                         accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=op_types)
+        quantizer.process()
+    if quantizer.model.model is not proto:
+        proto.CopyFrom(quantizer.model.model)
+    ops = [n.op_type for n in proto.graph.node]
+    return {"tool": "onnxruntime.quantization.MatMulNBitsQuantizer", "bits": bits, "block_size": BLOCK_SIZE,
+            "symmetric": False, "accuracy_level": ACCURACY_LEVEL, "MatMulNBits": ops.count("MatMulNBits"),
+            "GatherBlockQuantized": ops.count("GatherBlockQuantized"),
+            "embedding": "int4" if "GatherBlockQuantized" in ops else "fp32"}
+
+
+def add_zero_slot_defaults(proto, spec: SlotSpec) -> None:
+    """An all-zero sparse initializer per slot input: with no adapter active the graph is the base."""
+    from onnx import TensorProto, helper
+
+    existing = {i.name for i in proto.graph.initializer} | {s.values.name for s in proto.graph.sparse_initializer}
+    for name, tensor in per_layer_slots(spec.zeros(), spec).items():
+        if name in existing:
+            raise OdloraError(f"internal: the exported graph already has an initializer named {name}")
+        values = helper.make_tensor(name, TensorProto.FLOAT, [0], [])
+        indices = helper.make_tensor(f"{name}_indices", TensorProto.INT64, [0], [])
+        proto.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(tensor.shape)))
+
+
+def model_version(fingerprint: Optional[str]) -> int:
+    """The `.onnx_adapter` model version: 28 bits of the base fingerprint (0 when unknown)."""
+    if not fingerprint:
+        return 0
+    return int(fingerprint.removeprefix("sha256:")[:7], 16)
+
+
+# -- adapters ----------------------------------------------------------------------------------
+
+def pack_slots(slots: dict[str, torch.Tensor], manifest: dict, out_file: Path) -> None:
+    """Write one adapter's slot tensors as an ONNX Runtime `.onnx_adapter` file (AdapterFormat)."""
+    import onnxruntime as ort
+
+    slots = per_layer_slots(slots, SlotSpec.from_dict(manifest["slots"]))
+    info = manifest["onnx"]
+    expected = {i["name"]: i["shape"] for i in info["inputs"] if i["name"] in info["slot_inputs"]}
+    if set(slots) != set(expected):
+        raise OdloraError(f"slot tensors {sorted(slots)} do not match the export's slot inputs {sorted(expected)}")
+    params = {}
+    for name, t in slots.items():
+        if list(t.shape) != expected[name]:
+            raise OdloraError(f"slot tensor {name} is {list(t.shape)}, the export takes {expected[name]}")
+        params[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.detach().float().numpy()))
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(ADAPTER_VERSION)
+    fmt.set_model_version(model_version(manifest["base_fingerprint"]))
+    fmt.set_parameters(params)
+    fmt.export_adapter(str(out_file))
+
+
+# -- a small runtime ---------------------------------------------------------------------------
+
+class OnnxSession:
+    """An ONNX Runtime export opened once; adapters swap per call.
+
+        s = OnnxSession("out/")
+        ad = s.load_adapter("my.onnx_adapter")
+        ids = s.greedy(prompt_ids, 32, adapter=ad)        # or adapter=None: the base
+    """
+
+    def __init__(self, export_dir: Path, threads: Optional[int] = None, verify: bool = True):
+        import onnxruntime as ort
+
+        from .export import read_manifest
+
+        self.dir = Path(export_dir)
+        self.manifest = read_manifest(self.dir, verify=verify)
+        if self.manifest["target"] != "onnx":
+            raise OdloraError(f"{export_dir}: a {self.manifest['target']} export, not an onnx one")
+        info = self.manifest["onnx"]
+        self.cache_layout = info["cache_layout"]
+        self.slot_shapes = {i["name"]: i["shape"] for i in info["inputs"] if i["name"] in info["slot_inputs"]}
+        self.model_version = model_version(self.manifest["base_fingerprint"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # ORT warns once per overridable initializer: by design here
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.dir / info["model"]), options, providers=["CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache_layout["shape"][2]
+
+    def load_adapter(self, path: Path):
+        """Check an `.onnx_adapter` file against this export and memory-map it."""
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise OdloraError(f"{path}: no such adapter file")
+        try:
+            fmt = ort.AdapterFormat.read_adapter(str(path))
+            params = fmt.get_parameters()
+        except Exception as e:  # ORT raises its own types for a damaged flatbuffer
+            raise OdloraError(f"{path}: not a readable ONNX Runtime adapter ({type(e).__name__}: {e})") from None
+        if fmt.get_model_version() != self.model_version:
+            raise OdloraError(f"{path}: packed for another base (model version {fmt.get_model_version()}, "
+                              f"this export's is {self.model_version}); pack the adapter against this export")
+        shapes = {name: list(v.shape()) for name, v in params.items()}
+        if shapes != self.slot_shapes:
+            name = sorted(set(shapes) ^ set(self.slot_shapes)) or [n for n in shapes if shapes[n] != self.slot_shapes[n]]
+            raise OdloraError(f"{path}: its tensors do not match this export's slots (first difference: {name[0]}, "
+                              f"{shapes.get(name[0])} vs {self.slot_shapes.get(name[0])}); pack it against this export")
+        del params, fmt
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        return adapter
+
+    def new_cache(self) -> list:
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(self.cache_layout["shape"], np.float32))
+                for _ in self.cache_layout["past"]]
+
+    @staticmethod
+    def _options(adapter):
+        """Per call, so concurrent calls may each run their own adapter (or none) on one session."""
+        import onnxruntime as ort
+
+        if adapter is None:
+            return None
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        return options
+
+    def forward(self, tokens, input_pos, caches: Sequence, adapter=None):
+        """tokens (1, T) and input_pos (T,) ints; caches from `new_cache()` or a previous call.
+        Returns (logits (1, T, vocab) numpy, the updated caches)."""
+        import onnxruntime as ort
+
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
+        input_pos = np.asarray(input_pos, dtype=np.int64).reshape(-1)
+        feeds = {"tokens": ort.OrtValue.ortvalue_from_numpy(tokens),
+                 "input_pos": ort.OrtValue.ortvalue_from_numpy(input_pos)}
+        for name, cache in zip(self.cache_layout["past"], caches):
+            if not isinstance(cache, ort.OrtValue):
+                cache = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cache, np.float32))
+            feeds[name] = cache
+        out = self.session.run_with_ort_values(self.output_names, feeds, self._options(adapter))
+        return out[0].numpy(), list(out[1:])
+
+    def greedy(self, prompt_ids: Sequence[int], n: int, adapter=None, eos_id: Optional[int] = None) -> list[int]:
+        """Prefill the prompt in one call, then decode up to n tokens one at a time."""
+        prompt_ids = list(prompt_ids)
+        if len(prompt_ids) + n > self.max_seq_len:
+            raise OdloraError(f"prompt ({len(prompt_ids)}) + {n} new tokens exceed the export's "
+                              f"--max-seq-len {self.max_seq_len}")
+        caches, out = self.new_cache(), []
+        logits, caches = self.forward([prompt_ids], np.arange(len(prompt_ids)), caches, adapter)
+        pos = len(prompt_ids)
+        while len(out) < n:
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            if token == eos_id or len(out) == n:
+                break
+            logits, caches = self.forward([[token]], [pos], caches, adapter)
+            pos += 1
+        return out

@@ -1,0 +1,212 @@
+"""The runtime: open an export once, register packed adapters by id, serve requests that name them.
+
+    from ondevice_lora.runtime import Runtime
+    rt = Runtime.open("exports/onnx")                        # backend from the manifest's target
+    rt.register_adapter("dates", "dates.onnx_adapter")       # checked against the export
+    rt.generate("Normalise: March 5th, 2021", adapter="dates").text
+    rt.generate(messages, adapter=[("dates", 0.7), ("contacts", 0.3)], strength=0.8,
+                sampling=SamplingConfig(temperature=0.7, seed=1), on_text=print)
+
+One base stays loaded (`rt.backend.session`); swapping adapters never reloads it. Adapters load
+into an LRU cache with a byte budget: a cold one comes from disk on first use, an evicted one
+reloads transparently. Requests may come from many threads; each runs with its own adapter (see
+`backends.py` for which backends run them in parallel and which one at a time).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from ..base import load_tokenizer
+from ..errors import OdloraError
+from ..exporters.export import read_manifest
+from ..generate import SamplingConfig, TextStream, sample_next
+from ..prompts import encode_prompt, has_chat_template, render_chat, stop_token_ids
+from .adapters import (AdapterCache, RegisteredAdapter, check_checksum, combine_slots, file_stamp, label, normalise,
+                       read_sidecar)
+from .backends import Backend, Loaded, open_backend
+
+DEFAULT_CACHE_BYTES = 256 * 2**20  # about 13 rank-16 all-linear adapters of the default base (fp32 slots)
+
+AdapterArg = Union[None, str, list]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated tokens (a stop token excluded)
+    prompt_tokens: int
+    adapter: Optional[str]  # None: the base; "id"; or "a:0.5+b:1" for a blend or a strength
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max tokens or the cache's end)
+    seconds: float
+    prefill_seconds: float
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "adapter": self.adapter, "tokens": len(self.token_ids),
+                "prompt_tokens": self.prompt_tokens, "finish_reason": self.finish_reason,
+                "seconds": round(self.seconds, 4), "prefill_seconds": round(self.prefill_seconds, 4)}
+
+
+@dataclass
+class Runtime:
+    export_dir: Path
+    manifest: dict
+    backend: Backend
+    tokenizer: object
+    cache: AdapterCache
+    adapters: dict[str, RegisteredAdapter] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # A fast tokenizer's Rust object raises "Already borrowed" when one thread encodes (which may
+    # reset truncation/padding, a mutable borrow) while another uses it: encode/decode take turns.
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def open(cls, export_dir, backend: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+             threads: Optional[int] = None) -> "Runtime":
+        """Verify the export's checksums, load its tokenizer and its base once.
+
+        backend: None (the export's target), "onnx", "executorch", or "torch" (the PyTorch
+        reference, which loads the export's base by its spec and checks its fingerprint).
+        """
+        export_dir = Path(export_dir)
+        manifest = read_manifest(export_dir, verify=True)
+        tokenizer_dir = export_dir / "tokenizer"
+        if not tokenizer_dir.is_dir():
+            raise OdloraError(f"{export_dir}: no tokenizer/ directory in the export")
+        tokenizer = load_tokenizer(tokenizer_dir)
+        return cls(export_dir, manifest, open_backend(export_dir, manifest, backend, threads), tokenizer,
+                   AdapterCache(cache_bytes))
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.backend.max_seq_len
+
+    # -- adapters ---------------------------------------------------------------------------------
+
+    def register_adapter(self, adapter_id: str, blob_path) -> dict:
+        """Check a packed blob against this export and make it available as `adapter_id`.
+
+        Checks the sidecar (target, base fingerprint, sha256) and loads the blob once (its
+        tensors against the export's slots); it then stays in the cache while the budget allows.
+        Registering an id again replaces it. Returns the sidecar.
+        """
+        if not isinstance(adapter_id, str) or not adapter_id.strip():
+            raise OdloraError(f"an adapter id must be a non-empty string, got {adapter_id!r}")
+        blob = Path(blob_path)
+        info = read_sidecar(blob, self.manifest)
+        entry = RegisteredAdapter(adapter_id, blob, info, info["sha256"], file_stamp(blob))
+        self.cache.get_or_load(entry.key, lambda: self._load_packed(entry))  # a bad blob fails here, not in a request
+        with self._lock:
+            self.adapters[adapter_id] = entry
+        return info
+
+    def unregister_adapter(self, adapter_id: str) -> None:
+        with self._lock:
+            if self.adapters.pop(adapter_id, None) is None:
+                raise OdloraError(f"unknown adapter {adapter_id!r}")
+
+    def _load_packed(self, entry: RegisteredAdapter) -> Loaded:
+        if not entry.path.is_file():
+            raise OdloraError(f"adapter {entry.id!r}: {entry.path} is gone")
+        if file_stamp(entry.path) != entry.stamp:  # changed since registration: the checksum decides
+            check_checksum(entry.path, entry.info)
+        try:
+            return self.backend.load_packed(entry.path)
+        except OdloraError as e:
+            raise OdloraError(f"adapter {entry.id!r}: {e}") from None
+
+    def _resolve(self, adapter: AdapterArg, strength: float) -> tuple[Optional[Loaded], Optional[str]]:
+        """The loaded adapter for a request (None: the base) and its label."""
+        with self._lock:
+            registered = dict(self.adapters)
+        parts = normalise(adapter, strength, registered)
+        if not parts:
+            return None, None
+        if len(parts) == 1 and parts[0][1] == 1.0:
+            entry = registered[parts[0][0]]
+            return self.cache.get_or_load(entry.key, lambda: self._load_packed(entry)), label(parts)
+        entries = [(registered[name], w) for name, w in parts]
+        key = ("derived", tuple((e.sha256, w) for e, w in entries))
+
+        def build() -> Loaded:
+            slots = [(e.id, self._read_slots(e), w) for e, w in entries]
+            return self.backend.from_slots(combine_slots(slots, self.backend.spec))
+
+        return self.cache.get_or_load(key, build), label(parts)
+
+    def _read_slots(self, entry: RegisteredAdapter) -> dict[str, torch.Tensor]:
+        if file_stamp(entry.path) != entry.stamp:
+            check_checksum(entry.path, entry.info)
+        return self.backend.read_slots(entry.path)
+
+    def stats(self) -> dict:
+        return {"backend": self.backend.name, "adapters": sorted(self.adapters),
+                "cache_bytes": self.cache.nbytes, "cache_budget": self.cache.budget, "cache_entries": len(self.cache.keys()),
+                "adapter_loads": self.cache.loads, "cache_hits": self.cache.hits, "evictions": self.cache.evictions}
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def encode(self, prompt, chat: bool = True) -> list[int]:
+        """Token ids for a prompt string (chat-templated when `chat` and the tokenizer has a
+        template) or for a list of {"role", "content"} messages."""
+        is_messages = (isinstance(prompt, list) and bool(prompt)
+                       and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt))
+        if not isinstance(prompt, str) and not is_messages:
+            raise OdloraError("a prompt is a string or a list of {'role', 'content'} messages")
+        if is_messages and not has_chat_template(self.tokenizer):
+            raise OdloraError("this export's tokenizer has no chat template: pass a plain prompt")
+        with self._tokenizer_lock:
+            if is_messages:
+                text = render_chat(self.tokenizer, prompt, add_generation_prompt=True)
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+            else:
+                ids = encode_prompt(self.tokenizer, prompt, chat=chat)
+        if not ids:
+            raise OdloraError("the prompt is empty")
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:  # a fast tokenizer is not safe to share across threads
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompt, adapter: AdapterArg = None, strength: float = 1.0,
+                 sampling: Optional[SamplingConfig] = None, on_text: Optional[Callable[[str], None]] = None,
+                 chat: bool = True) -> GenerationResult:
+        """Prefill the prompt, decode with the KV cache, return the text (cut at a stop string).
+
+        prompt: a string or chat messages. adapter: None (the base), an id, or a blend
+        [(id, weight), ...]; `strength` scales the whole adapter (0: the base). `on_text`
+        receives the text as it becomes final (held back while it could still become a stop string).
+        """
+        started = time.perf_counter()
+        cfg = sampling or SamplingConfig()
+        cfg.validate()
+        ids = self.encode(prompt, chat=chat)
+        n = len(ids)
+        if n >= self.max_seq_len:
+            raise OdloraError(f"the prompt has {n} tokens; this export's --max-seq-len {self.max_seq_len} leaves "
+                              f"room for at most {self.max_seq_len - 1} before generating")
+        loaded, name = self._resolve(adapter, strength)
+        generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        stop_ids = stop_token_ids(self.tokenizer, self.manifest.get("config", {}))
+        finish = "length"
+        stream = TextStream(self._decode, cfg.stop, on_text)
+        with self.backend.sequence(loaded) as seq:  # a serial backend may wait here for its turn
+            prefill_started = time.perf_counter()
+            logits = seq.forward(ids, 0)
+            prefill_seconds = time.perf_counter() - prefill_started
+            for pos in range(n, min(self.max_seq_len, n + cfg.max_new_tokens)):
+                token = sample_next(logits, cfg, generator)
+                if token in stop_ids or stream.push(token):
+                    finish = "stop"
+                    break
+                if pos + 1 < self.max_seq_len and len(stream.tokens) < cfg.max_new_tokens:
+                    logits = seq.forward([token], pos)
+        text, tokens = stream.close(), stream.tokens
+        return GenerationResult(text, tokens, n, name, finish, time.perf_counter() - started, prefill_seconds)

@@ -1,0 +1,279 @@
+"""ExecuTorch export: parity with our PyTorch model, adapter switching on one program, quantised exports.
+
+    python -m pytest -q tests/test_export_executorch.py -m "not slow"          # tiny model
+    ODLORA_HOME=/tmp/oh python -m pytest -q tests/test_export_executorch.py     # + the default base
+
+Lowering through ExecuTorch costs tens of seconds even for the tiny model (XNNPACK's passes
+re-trace the graph many times), so each export is built once per module and shared.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+
+from ondevice_lora.adapter import adapter_from_model, attach_adapter, load_adapter, save_adapter  # noqa: E402
+from ondevice_lora.base import load_base  # noqa: E402
+from ondevice_lora.errors import OdloraError  # noqa: E402
+from ondevice_lora.exporters.executorch import ExecutorchSession  # noqa: E402
+from ondevice_lora.exporters.export import export, pack  # noqa: E402
+from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers  # noqa: E402
+
+MAX_SEQ = 48  # > one 32-token prefill chunk, so prompts take the full, right-aligned and padded paths
+TOL = 1e-3
+
+
+def quiet(*_):
+    pass
+
+
+def make_adapter(base_dir: Path, fingerprint: str, out: Path, seed: int, rank: int = 4,
+                 targets=LoraConfig().targets) -> Path:
+    """A random adapter: PEFT-style init, then B drawn away from zero so it changes the logits."""
+    model = load_base(str(base_dir)).model
+    config = LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets)
+    torch.manual_seed(seed)
+    apply_lora(model, config)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0.0, 0.2)
+    save_adapter(adapter_from_model(model, config, {"base_fingerprint": fingerprint}), out, "tiny")
+    return out
+
+
+def reference(base_dir: Path, adapter_dir: Path | None = None):
+    """Our PyTorch model with the same KV cache length, and the adapter attached unmerged."""
+    model = load_base(str(base_dir)).model
+    if adapter_dir is not None:
+        attach_adapter(model, load_adapter(adapter_dir))
+    model.setup_cache(1, MAX_SEQ)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model_factory):
+    """(base_dir, export_dir, manifest, {"A": packed, "B": packed}) for the tiny Llama, fp32."""
+    base_dir = tiny_model_factory("llama")
+    root = tmp_path_factory.mktemp("executorch")
+    manifest = export(str(base_dir), "executorch", root / "export", max_rank=8, max_seq_len=MAX_SEQ, say=quiet)
+    packed = {}
+    # A: rank 4 on every linear; B: rank 2 on q and v only (a different rank and target set).
+    for name, seed, rank, targets in (("A", 1, 4, LoraConfig().targets), ("B", 2, 2, ("q_proj", "v_proj"))):
+        adapter = make_adapter(base_dir, manifest["base_fingerprint"], root / f"adapter-{name}", seed, rank, targets)
+        pack(adapter, root / "export", root / f"{name}.slots")
+        packed[name] = (adapter, root / f"{name}.slots")
+    return base_dir, root / "export", manifest, packed
+
+
+@pytest.fixture(scope="module")
+def session(exported):
+    return ExecutorchSession(exported[1])
+
+
+def test_manifest_and_files(exported):
+    _, out, manifest, _ = exported
+    fields = manifest["executorch"]
+    assert {"model.pte", "model.ptd"} <= set(manifest["files"])
+    assert fields["methods"] == {"forward": 1, "prefill": 32}
+    # One input per layer and slot tensor (a stacked input would be copied per call to take a layer out).
+    layout = manifest["slots"]["layout"]
+    assert fields["inputs"] == ["tokens", "input_pos"] + [f"{name}.{layer}" for layer in range(2) for name in layout]
+    # The rewrites keep the XNNPACK delegate whole: one partition per method, not several per layer.
+    assert fields["delegate_partitions"] == {"forward": 1, "prefill": 1}
+    assert (out / "model.ptd").stat().st_size > (out / "model.pte").stat().st_size  # weights live in the .ptd
+
+
+@pytest.mark.parametrize("adapter", [None, "A", "B"])
+def test_logits_match_pytorch(exported, session, adapter):
+    base_dir, _, _, packed = exported
+    model = reference(base_dir, packed[adapter][0] if adapter else None)
+    slots = session.load_adapter(packed[adapter][1]) if adapter else None
+    tokens = torch.randint(0, 400, (1, 44), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # 40 prompt tokens: one full chunk and a right-aligned one; then single-token decode steps.
+        want = model(tokens[:, :40], input_pos=torch.arange(40))
+        assert (session.forward(tokens[:, :40], 0, slots) - want).abs().max().item() <= TOL
+        for pos in range(40, 44):
+            want = model(tokens[:, pos:pos + 1], input_pos=torch.tensor([pos]))
+            assert (session.forward(tokens[:, pos:pos + 1], pos, slots) - want).abs().max().item() <= TOL
+        # A short prompt (padded to the chunk) starting a new sequence: no reset needed in between.
+        want = model(tokens[:, :9], input_pos=torch.arange(9))
+        assert (session.forward(tokens[:, :9], 0, slots) - want).abs().max().item() <= TOL
+
+
+def test_zero_slots_are_the_base_and_adapters_change_it(exported, session):
+    base_dir, _, _, packed = exported
+    tokens = torch.arange(3, 15)[None]
+    base = session.forward(tokens, 0)
+    with torch.no_grad():
+        plain = load_base(str(base_dir)).model(tokens)  # no cache, no slots: the plain base
+    assert (base - plain).abs().max().item() <= TOL
+    assert (session.forward(tokens, 0, session.load_adapter(packed["A"][1])) - base).abs().max().item() > 0.1
+
+
+def test_switch_adapters_on_one_program(exported, session):
+    """A, none, B, A on one loaded program: each call gives that adapter's own logits."""
+    base_dir, _, _, packed = exported
+    tokens = torch.arange(20, 32)[None]
+    want = {}
+    with torch.no_grad():
+        for name in (None, "A", "B"):
+            want[name] = reference(base_dir, packed[name][0] if name else None)(tokens, input_pos=torch.arange(12))
+    adapters = {name: session.load_adapter(packed[name][1]) for name in ("A", "B")}
+    for name in ("A", None, "B", "A"):
+        got = session.forward(tokens, 0, adapters.get(name))
+        assert (got - want[name]).abs().max().item() <= TOL, name
+    # Mid-sequence switch: the next token under B, after a prompt cached under A.
+    session.forward(tokens, 0, adapters["A"])
+    step = session.forward([5], 12, adapters["B"])
+    assert step.shape == (1, 1, 400) and torch.isfinite(step).all()
+
+
+def test_greedy_matches_pytorch(exported, session):
+    from ondevice_lora.generate import SamplingConfig, generate_tokens
+
+    base_dir, _, _, packed = exported
+    prompt = [1, 17, 30, 44, 9]
+    model = reference(base_dir, packed["A"][0])
+    model.drop_cache()
+    want = list(generate_tokens(model, prompt, SamplingConfig(max_new_tokens=8), stop_ids=set()))
+    assert session.greedy(prompt, 8, session.load_adapter(packed["A"][1])) == want
+
+
+def test_packed_blob_is_the_slot_tensors_at_the_adapters_rank(exported, session):
+    from safetensors import safe_open
+
+    from ondevice_lora.exporters.slots import SlotSpec, slot_tensors
+
+    _, _, manifest, packed = exported
+    spec = SlotSpec.from_dict(manifest["slots"])
+    for name, rank in (("A", 4), ("B", 2)):
+        with safe_open(str(packed[name][1]), framework="pt") as f:
+            assert f.metadata()["rank"] == str(rank)
+            assert f.get_slice("lora_B_qkv").get_shape()[-1] == rank  # not the slots' 8
+        want = slot_tensors(load_adapter(packed[name][0]), spec)
+        got = session.load_adapter(packed[name][1])
+        assert all(torch.equal(got[k], want[k]) for k in want)  # zero padding restored exactly
+
+
+def test_rejects_other_bases_and_bad_positions(exported, session, tmp_path):
+    _, out, manifest, packed = exported
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(packed["A"][1]))
+    save_file(tensors, str(tmp_path / "other.slots"), metadata={"format": "odlora-executorch-slots", "base_fingerprint": "sha256:0"})
+    with pytest.raises(OdloraError, match="different base"):
+        session.load_adapter(tmp_path / "other.slots")
+    with pytest.raises(OdloraError, match="not a packed ExecuTorch adapter"):
+        session.load_adapter(packed["A"][0] / "adapter_model.safetensors")
+    with pytest.raises(OdloraError, match="outside"):
+        session.forward([1, 2, 3], MAX_SEQ - 2)
+
+
+@pytest.mark.parametrize("quant", ["8da4w", pytest.param("8da8w", marks=pytest.mark.slow)])
+def test_quantised_exports_match_torchao(exported, tmp_path, quant):
+    """The program computes torchao's quantised model (XNNPACK's kernels round a little differently),
+    the fp32 export's packed adapter fits it, and the files are smaller."""
+    from ondevice_lora.exporters.executorch import prepare, quantize_base
+    from ondevice_lora.exporters.slots import SlotSpec, SlottedModel
+
+    base_dir, out, manifest, packed = exported
+    export(str(base_dir), "executorch", tmp_path / quant, quant=quant, max_rank=8, max_seq_len=MAX_SEQ, say=quiet)
+    qsession = ExecutorchSession(tmp_path / quant)
+    assert qsession.manifest["quant"] == quant
+    assert qsession.manifest["executorch"]["delegate_partitions"] == {"forward": 1, "prefill": 1}
+    size = lambda d: (d / "model.pte").stat().st_size + (d / "model.ptd").stat().st_size  # noqa: E731
+    assert size(tmp_path / quant) < 0.8 * size(out)  # the tiny model's files are mostly program, not weights
+
+    eager = SlottedModel(quantize_base(prepare(load_base(str(base_dir)).model, MAX_SEQ), quant),
+                         SlotSpec.from_dict(manifest["slots"]))
+    tokens = torch.arange(40, 52)[None]
+    for adapter in (None, qsession.load_adapter(packed["A"][1])):
+        slots = adapter or qsession._zeros
+        with torch.no_grad():
+            want = eager(tokens, torch.arange(12), *slots.values())
+        got = qsession.forward(tokens, 0, adapter)
+        assert torch.corrcoef(torch.stack([want.flatten(), got.flatten()]))[0, 1] > 0.99
+
+
+@pytest.mark.slow
+def test_qwen3_export_matches_pytorch(tiny_model_factory, tmp_path):
+    """Qwen3's per-head q/k norms and decoupled head_dim go through the same rewrites."""
+    base_dir = tiny_model_factory("qwen3")
+    export(str(base_dir), "executorch", tmp_path / "qwen3", max_rank=4, max_seq_len=MAX_SEQ, say=quiet)
+    session = ExecutorchSession(tmp_path / "qwen3")
+    model = reference(base_dir)
+    tokens = torch.arange(60, 96)[None]
+    with torch.no_grad():
+        assert (session.forward(tokens, 0) - model(tokens, input_pos=torch.arange(36))).abs().max().item() <= TOL
+        step = model(tokens[:, :1], input_pos=torch.tensor([36]))
+    assert (session.forward(tokens[:, :1], 36) - step).abs().max().item() <= TOL
+
+
+# -- the real default base ------------------------------------------------------------------------
+
+QUESTION = "What is the capital of France?"
+REAL_SEQ = 256
+
+
+def perplexity(session: ExecutorchSession, ids: list[int]) -> float:
+    """Token perplexity over windows of the export's length, each a new sequence from position 0."""
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, REAL_SEQ):
+        window = torch.tensor(ids[start:start + REAL_SEQ + 1])
+        if len(window) < 2:
+            break
+        logits = session.forward(window[:-1], 0)[0]
+        total += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+        count += len(window) - 1
+    return math.exp(total / count)
+
+
+@pytest.mark.slow
+def test_default_base_export(default_base, tmp_path):
+    from ondevice_lora.prompts import encode_prompt, stop_token_ids
+    from ondevice_lora.registry import DEFAULT_BASE
+    from ondevice_lora.samples import __file__ as samples_init
+
+    tokenizer = default_base.tokenizer
+    exports = {quant: tmp_path / quant for quant in ("fp32", "8da4w")}
+    # Lowering is single-threaded Python and takes minutes for 30 layers: both exports at once.
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(export, DEFAULT_BASE, "executorch", out, quant=quant, max_seq_len=REAL_SEQ, say=print)
+                for quant, out in exports.items()]
+        for job in jobs:
+            job.result()
+    fp32, q4 = ExecutorchSession(exports["fp32"]), ExecutorchSession(exports["8da4w"])
+
+    prompt = encode_prompt(tokenizer, QUESTION)
+    model = default_base.model
+    model.setup_cache(1, REAL_SEQ)
+    try:  # the chat prompt, then three greedy decode steps
+        with torch.no_grad():
+            want = model(torch.tensor([prompt]), input_pos=torch.arange(len(prompt)))
+            assert (fp32.forward(prompt, 0) - want).abs().max().item() <= TOL
+            for pos in range(len(prompt), len(prompt) + 3):
+                token = int(want[0, -1].argmax())
+                want = model(torch.tensor([[token]]), input_pos=torch.tensor([pos]))
+                assert (fp32.forward([token], pos) - want).abs().max().item() <= TOL
+    finally:
+        model.drop_cache()
+
+    size = lambda d: (d / "model.pte").stat().st_size + (d / "model.ptd").stat().st_size  # noqa: E731
+    assert size(exports["8da4w"]) <= 0.3 * size(exports["fp32"])
+
+    stops = tuple(stop_token_ids(tokenizer, default_base.config))
+    answer = tokenizer.decode(q4.greedy(prompt, 24, stop_ids=stops))
+    assert "Paris" in answer
+
+    text = (Path(samples_init).parent / "general.txt").read_text()
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    ppl32, ppl4 = perplexity(fp32, ids), perplexity(q4, ids)
+    assert ppl4 <= 1.05 * ppl32, (ppl32, ppl4)
