@@ -6,6 +6,7 @@
     odlora generate --adapter adapters/dates --prompt "Normalise: March 5th, 2021"
     odlora export --target onnx --out exports/onnx
     odlora adapter pack adapters/dates --export exports/onnx --out dates.onnx_adapter
+    odlora run --export exports/onnx --adapter dates.onnx_adapter --prompt "Normalise: March 5th, 2021"
 """
 
 from __future__ import annotations
@@ -28,6 +29,22 @@ def base_option(f):
 
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on the last line.")(f)
+
+
+def sampling_options(f):
+    """The generation flags shared by `generate` and `run`."""
+    options = [
+        click.option("--max-new-tokens", default=128, show_default=True, type=int),
+        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 means greedy."),
+        click.option("--top-k", default=0, show_default=True, type=int, help="Sample from the k most likely tokens (0: all)."),
+        click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass."),
+        click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text)."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+        click.option("--no-chat", is_flag=True, help="Feed the prompt as raw text, without the chat template."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 def print_fields(info: dict) -> None:
@@ -102,13 +119,7 @@ def base_info(base_spec, as_json):
 @click.option("--prompt", required=True, help="The user's text.")
 @click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]",
               help="LoRA adapter directory, optionally with a strength; repeat to blend several.")
-@click.option("--max-new-tokens", default=128, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 means greedy.")
-@click.option("--top-k", default=0, show_default=True, type=int, help="Sample from the k most likely tokens (0: all).")
-@click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass.")
-@click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text).")
-@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("--no-chat", is_flag=True, help="Feed the prompt as raw text, without the chat template.")
+@sampling_options
 def generate(base, prompt, adapters, max_new_tokens, temperature, top_k, top_p, seed, stop, no_chat):
     """Generate a completion for PROMPT; prints only the completion, streamed."""
     from .adapter import attach_adapter
@@ -286,13 +297,7 @@ def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, 
 @click.option("--prompt", required=True, help="The user's text.")
 @click.option("--backend", default=None, type=click.Choice(["onnx", "executorch", "torch"]),
               help="Default: the export's target; torch runs the PyTorch reference of the exported graph.")
-@click.option("--max-new-tokens", default=128, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 means greedy.")
-@click.option("--top-k", default=0, show_default=True, type=int, help="Sample from the k most likely tokens (0: all).")
-@click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass.")
-@click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text).")
-@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("--no-chat", is_flag=True, help="Feed the prompt as raw text, without the chat template.")
+@sampling_options
 @json_option
 def run_cmd(export_dir, adapters, prompt, backend, max_new_tokens, temperature, top_k, top_p, seed, stop, no_chat, as_json):
     """Run one request on an exported base with packed adapters; prints the completion, streamed."""
