@@ -7,13 +7,17 @@
     odlora export --target onnx --out exports/onnx
     odlora adapter pack adapters/dates --export exports/onnx --out dates.onnx_adapter
     odlora run --export exports/onnx --adapter dates.onnx_adapter --prompt "Normalise: March 5th, 2021"
+    odlora serve --export exports/onnx --adapter dates=dates.onnx_adapter      # OpenAI's API on 127.0.0.1:8000
+    odlora chat --export exports/onnx --adapter dates=dates.onnx_adapter
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -32,7 +36,8 @@ def json_option(f):
 
 
 def sampling_options(f):
-    """The generation flags shared by `generate` and `run`."""
+    """The generation flags shared by `generate`, `run` and `chat`, handed to the command as one
+    checked `sampling` (a SamplingConfig), so that bad values fail before anything loads."""
     options = [
         click.option("--max-new-tokens", default=128, show_default=True, type=int),
         click.option("--temperature", default=0.0, show_default=True, type=float, help="0 means greedy."),
@@ -40,11 +45,46 @@ def sampling_options(f):
         click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass."),
         click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text)."),
         click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
-        click.option("--no-chat", is_flag=True, help="Feed the prompt as raw text, without the chat template."),
     ]
+
+    @functools.wraps(f)
+    def command(*args, max_new_tokens, temperature, top_k, top_p, seed, stop, **kwargs):
+        from .generate import SamplingConfig
+
+        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
+        sampling.validate()
+        return f(*args, sampling=sampling, **kwargs)
+
     for option in reversed(options):
-        f = option(f)
-    return f
+        command = option(command)
+    return command
+
+
+def no_chat_option(f):
+    return click.option("--no-chat", is_flag=True, help="Feed the prompt as raw text, without the chat template.")(f)
+
+
+def export_option(f):
+    return click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path),
+                        help="An `odlora export` directory.")(f)
+
+
+def backend_option(f):
+    return click.option("--backend", default=None, type=click.Choice(["onnx", "executorch", "torch"]),
+                        help="Default: the export's target; torch runs the PyTorch reference of the exported graph.")(f)
+
+
+def named_adapters_option(f):
+    """`--adapter [ID=]FILE` for the commands that serve several adapters by id (`serve`, `chat`)."""
+    return click.option("--adapter", "adapters", multiple=True, metavar="[ID=]FILE",
+                        help="Packed adapter blob (`odlora adapter pack`) offered as ID (default: the file's stem); "
+                             "repeatable.")(f)
+
+
+def write_stdout(piece: str) -> None:
+    """Stream generated text as it comes."""
+    sys.stdout.write(piece)
+    sys.stdout.flush()
 
 
 def print_fields(info: dict) -> None:
@@ -74,6 +114,53 @@ def load_weighted_adapters(specs, fingerprint: str):
         check_base(adapter, fingerprint, path)
         weighted.append((adapter, weight))
     return blend(weighted)
+
+
+def register_blobs(rt, specs) -> list[str]:
+    """Register packed blobs given as `FILE` or `ID=FILE` with a Runtime; returns their ids in order.
+
+    Without ID a blob's id is its file's stem, made unique ("a", "a-2"); the same file named twice
+    keeps one id, so `run --adapter a.blob --adapter a.blob:0.5` blends one adapter with itself.
+    Requests write blends as `a:0.7+b:0.3` and the model without adapters as `base`, so ids avoid both.
+    """
+    registered: dict[str, Path] = {}  # id -> resolved blob
+    ids = []
+    for spec in specs:
+        name, path = split_id(spec)
+        blob = Path(path).resolve()
+        if name is None:
+            same = [i for i, b in registered.items() if b == blob]
+            name = same[0] if same else unique_id(Path(path).stem, registered)
+        elif registered.get(name, blob) != blob:
+            raise OdloraError(f"adapter id {name!r} names two files")
+        if name not in registered:
+            check_id(name)
+            rt.register_adapter(name, blob)
+            registered[name] = blob
+        ids.append(name)
+    return ids
+
+
+def split_id(spec: str) -> tuple[Optional[str], str]:
+    """`ID=FILE` -> (ID, FILE); `FILE` (even one with "=" in its name) -> (None, FILE)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and not Path(spec).exists():
+        return name, path
+    return None, spec
+
+
+def unique_id(stem: str, taken) -> str:
+    name, n = stem, 1
+    while name in taken or name == "base":
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
+def check_id(name: str) -> None:
+    if name == "base" or ":" in name or "+" in name:
+        raise OdloraError(f"adapter id {name!r}: `base` names the model without adapters and ':' '+' write blends; "
+                          f"choose another id with --adapter ID=FILE")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -120,21 +207,20 @@ def base_info(base_spec, as_json):
 @click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]",
               help="LoRA adapter directory, optionally with a strength; repeat to blend several.")
 @sampling_options
-def generate(base, prompt, adapters, max_new_tokens, temperature, top_k, top_p, seed, stop, no_chat):
+@no_chat_option
+def generate(base, prompt, adapters, no_chat, sampling):
     """Generate a completion for PROMPT; prints only the completion, streamed."""
     from .adapter import attach_adapter
     from .base import load_base
-    from .generate import SamplingConfig, generate_text
+    from .generate import generate_text
     from .prompts import encode_prompt, stop_token_ids
 
-    cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
-    cfg.validate()
     loaded = load_base(base)
     if adapters:
         attach_adapter(loaded.model, load_weighted_adapters(adapters, loaded.fingerprint))
     ids = encode_prompt(loaded.tokenizer, prompt, chat=not no_chat)
-    stream = lambda piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
-    generate_text(loaded.model, loaded.tokenizer, ids, cfg, stop_token_ids(loaded.tokenizer, loaded.config), stream)
+    generate_text(loaded.model, loaded.tokenizer, ids, sampling, stop_token_ids(loaded.tokenizer, loaded.config),
+                  write_stdout)
     sys.stdout.write("\n")
 
 
@@ -232,7 +318,7 @@ def adapter_inspect(adapter_dir, as_json):
 
 @adapter.command("pack")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
-@click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path), help="An `odlora export` directory.")
+@export_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The packed blob to write.")
 @json_option
 def adapter_pack(adapter_dir, export_dir, out, as_json):
@@ -291,41 +377,86 @@ def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, 
 # -- runtime ----------------------------------------------------------------------------------
 
 @cli.command("run")
-@click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path), help="An `odlora export` directory.")
+@export_option
 @click.option("--adapter", "adapters", multiple=True, metavar="FILE[:WEIGHT]",
               help="Packed adapter blob (`odlora adapter pack`), optionally with a weight; repeat to blend several.")
 @click.option("--prompt", required=True, help="The user's text.")
-@click.option("--backend", default=None, type=click.Choice(["onnx", "executorch", "torch"]),
-              help="Default: the export's target; torch runs the PyTorch reference of the exported graph.")
+@backend_option
 @sampling_options
+@no_chat_option
 @json_option
-def run_cmd(export_dir, adapters, prompt, backend, max_new_tokens, temperature, top_k, top_p, seed, stop, no_chat, as_json):
+def run_cmd(export_dir, adapters, prompt, backend, no_chat, as_json, sampling):
     """Run one request on an exported base with packed adapters; prints the completion, streamed."""
-    from .generate import SamplingConfig
     from .runtime import Runtime
 
-    cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
-    cfg.validate()
     rt = Runtime.open(export_dir, backend=backend)
-    ids: dict[Path, str] = {}  # blob -> its id: the file's stem, made unique
-    weighted = []
-    for spec in adapters:
-        path, weight = parse_weighted(spec)
-        blob = Path(path).resolve()
-        if blob not in ids:
-            stem, name, n = Path(path).stem, Path(path).stem, 1
-            while name in ids.values():
-                n += 1
-                name = f"{stem}-{n}"
-            ids[blob] = name
-            rt.register_adapter(name, blob)
-        weighted.append((ids[blob], weight))
-    stream = lambda piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
-    result = rt.generate(prompt, adapter=weighted or None, sampling=cfg, on_text=stream, chat=not no_chat)
+    weighted = [parse_weighted(spec) for spec in adapters]
+    ids = register_blobs(rt, [path for path, _ in weighted])
+    blend = [(name, weight) for name, (_, weight) in zip(ids, weighted)]
+    result = rt.generate(prompt, adapter=blend or None, sampling=sampling, on_text=write_stdout, chat=not no_chat)
     sys.stdout.write("\n")
     if as_json:
         click.echo(json.dumps({"text": result.text, "adapter": result.adapter, "tokens": len(result.token_ids),
                                "seconds": round(result.seconds, 4)}))
+
+
+@cli.command()
+@export_option
+@named_adapters_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; the loopback default keeps the server to this machine (no authentication).")
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port).")
+@backend_option
+def serve(export_dir, adapters, host, port, backend):
+    """Serve an export over HTTP with OpenAI's API, each request choosing its adapter.
+
+    \b
+    GET  /v1/models              base and each --adapter id
+    POST /v1/chat/completions    {"model", "messages", ...}, with the export's chat template
+    POST /v1/completions         {"model", "prompt", ...}, raw text
+
+    A request's `model` is `base`, an adapter id or a blend `a:0.7+b:0.3`; it honours max_tokens,
+    temperature, top_p, seed, stop and stream (server-sent events). Absent fields take odlora's
+    defaults (greedy, 128 tokens). Stop with Ctrl-C.
+    """
+    from .runtime import Runtime
+    from .runtime.server import build_server, model_ids
+
+    rt = Runtime.open(export_dir, backend=backend)
+    register_blobs(rt, adapters)
+    server = build_server(rt, host, port)
+    click.echo(f"odlora serve: listening on {server.url} (models: {', '.join(model_ids(rt))})")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("odlora serve: stopped", err=True)
+    finally:
+        server.server_close()
+
+
+@cli.command("chat")
+@export_option
+@named_adapters_option
+@backend_option
+@sampling_options
+def chat_cmd(export_dir, adapters, backend, sampling):
+    """Chat with an export in the terminal: answers streamed, the conversation kept, adapters swapped.
+
+    \b
+    Answers with the first --adapter (none: the base). Type a message, or:
+      /adapter ID   answer with ID from now on (`base`: no adapter; a blend: a:0.7+b:0.3)
+      /adapters     list the adapters
+      /reset        forget the conversation
+      /quit         leave (so does end of input)
+    When the conversation outgrows the export's --max-seq-len, its oldest turns are dropped.
+    """
+    from .runtime import Runtime
+    from .runtime.chat import run_chat
+
+    rt = Runtime.open(export_dir, backend=backend)
+    ids = register_blobs(rt, adapters)
+    run_chat(rt, sys.stdin, sys.stdout, sampling, ids[0] if ids else "base")
+
 
 def main():
     try:

@@ -1,5 +1,6 @@
 """What runs on the device (installed as `ondevice_lora.runtime`): the Python runtime over the
-exported base, with per-request adapters. See `engine.py`.
+exported base, with per-request adapters. See `engine.py`; `server.py` serves it over HTTP with
+OpenAI's API (`odlora serve`), `chat.py` in a terminal (`odlora chat`).
 
     from ondevice_lora.runtime import Runtime
     rt = Runtime.open("exports/onnx")

@@ -123,6 +123,24 @@ def label(parts: list[tuple[str, float]]) -> Optional[str]:
     return "+".join(f"{name}:{w:g}" for name, w in parts)
 
 
+def parse_label(text: str):
+    """The inverse of `label`, so that clients name adapters as results print them: "base" -> None,
+    "id" -> "id", "a:0.7+b:0.3" -> [("a", 0.7), ("b", 0.3)] (a part without a weight weighs 1)."""
+    text = text.strip()
+    if text == "base":
+        return None
+    if ":" not in text and "+" not in text:
+        return text
+    parts = []
+    for part in text.split("+"):
+        name, _, weight = part.rpartition(":") if ":" in part else (part, "", "1")
+        try:
+            parts.append((name.strip(), float(weight)))
+        except ValueError:
+            raise OdloraError(f"adapter {text!r}: bad weight {weight!r} (write a blend as a:0.7+b:0.3)") from None
+    return parts
+
+
 # -- slot arithmetic -------------------------------------------------------------------------------------
 
 def used_rank(B: torch.Tensor) -> int:

@@ -1,0 +1,110 @@
+"""A chat over one Runtime: the conversation kept as chat messages, answers streamed, adapters
+switched between turns (`odlora chat`; the commands are in `HELP`).
+
+    from ondevice_lora.runtime.chat import run_chat
+    run_chat(rt, sys.stdin, sys.stdout, SamplingConfig(), adapter="dates")
+
+The export's KV cache bounds the conversation: once the messages leave no room for an answer,
+the oldest turns are dropped (said once). `run_chat` reads and writes the streams it is given,
+so tests drive it with a script instead of a terminal.
+"""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from ..errors import OdloraError
+from ..generate import SamplingConfig
+from .adapters import label, normalise, parse_label
+from .engine import Runtime
+
+HELP = """commands:
+  /adapter ID   answer with ID from now on (`base`: no adapter; a blend: a:0.7+b:0.3)
+  /adapters     list the adapters
+  /reset        forget the conversation
+  /quit         leave (so does end of input)"""
+
+
+class Chat:
+    """One conversation: its messages, the adapter that answers next, and where it writes."""
+
+    def __init__(self, rt: Runtime, sampling: SamplingConfig, out: TextIO, adapter: str = "base"):
+        self.rt, self.sampling, self.out = rt, sampling, out
+        self.messages: list[dict] = []
+        self.trimmed = False  # whether dropping old turns has been announced
+        self.use(adapter)
+
+    def say(self, text: str) -> None:
+        self.write(text + "\n")
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()  # answers stream: each piece shows as it comes
+
+    def use(self, spec: str) -> None:
+        """Switch adapters; an unknown id fails now rather than at the next answer."""
+        self.adapter = normalise(parse_label(spec), 1.0, self.rt.adapters)
+        self.label = label(self.adapter) or "base"
+
+    def handle(self, line: str) -> bool:
+        """One line of input: a /command or a message. False when the chat ends; errors are said, not raised."""
+        try:
+            if line.startswith("/"):
+                return self.command(line)
+            if line:
+                self.ask(line)
+        except OdloraError as e:
+            self.say(f"error: {e}")
+        return True
+
+    def command(self, line: str) -> bool:
+        name, _, arg = line.partition(" ")
+        if name == "/quit":
+            return False
+        if name == "/reset":
+            self.messages.clear()
+            self.say("(conversation cleared)")
+        elif name == "/adapters":
+            self.say(f"adapters: {', '.join(['base', *sorted(self.rt.adapters)])} (answering with {self.label})")
+        elif name == "/adapter":
+            if arg.strip():
+                self.use(arg)
+            self.say(f"(answering with {self.label})")
+        else:
+            self.say(HELP)
+        return True
+
+    def ask(self, text: str) -> str:
+        """Answer `text` after the conversation so far, streamed to `out`; returns the answer.
+        A refused message (too long, say) leaves the conversation as it was."""
+        messages = self.fit([*self.messages, {"role": "user", "content": text}])
+        result = self.rt.generate(messages, adapter=self.adapter, sampling=self.sampling, on_text=self.write)
+        self.say("")
+        self.messages = [*messages, {"role": "assistant", "content": result.text}]
+        return result.text
+
+    def fit(self, messages: list[dict]) -> list[dict]:
+        """Without the oldest turns (a message and its answer) that leave the prompt no room for an
+        answer: max-new-tokens, or half the context when that is smaller."""
+        limit = self.rt.max_seq_len - min(self.sampling.max_new_tokens, self.rt.max_seq_len // 2)
+        while len(messages) > 1 and len(self.rt.encode(messages)) > limit:
+            messages = messages[2:]
+            if not self.trimmed:
+                self.trimmed = True
+                self.say(f"(the conversation outgrew the export's {self.rt.max_seq_len} tokens: "
+                         f"dropping the oldest turns from now on)")
+        return messages
+
+
+def run_chat(rt: Runtime, inp: TextIO, out: TextIO, sampling: SamplingConfig, adapter: str = "base") -> Chat:
+    """Read lines from `inp` until /quit or end of input; returns the conversation."""
+    chat = Chat(rt, sampling, out, adapter)
+    chat.say(f"chatting with {chat.label} ({rt.max_seq_len}-token context); /help lists the commands")
+    while True:
+        chat.write("> ")
+        line = inp.readline()
+        if not line:
+            chat.say("")
+            return chat
+        if not chat.handle(line.strip()):
+            return chat
