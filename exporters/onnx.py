@@ -26,10 +26,9 @@ Olive's ExtractAdapters writes for its per-projection inputs) breaks here, becau
 fixed-rank slices into a Split that rejects a zero-size axis; full-size dense zeros work too but
 cost 4·|slots| bytes on disk.
 
-int8/int4 quantise the frozen base weights with ONNX Runtime's `MatMulNBitsQuantizer` (RTN,
-block 32, asymmetric, accuracy level 4; int4 also quantises the embedding Gather to
-GatherBlockQuantized and a tied LM head to its own MatMulNBits; int8 keeps both fp32). Slot
-inputs are never quantised: their MatMuls read graph inputs, which the quantizer skips.
+int8/int4 quantise the frozen base weights to ONNX Runtime's MatMulNBits and the embedding to
+GatherBlockQuantized (`onnx_quant.py`, which says why not ORT's own quantizer). Slot inputs are
+never quantised: their MatMuls read graph inputs, not initializers.
 """
 
 from __future__ import annotations
@@ -47,17 +46,13 @@ from torch import nn
 
 from ..errors import OdloraError
 from ..models.llama import Attention, apply_rope
+from .onnx_quant import quantize_weights
 from .slots import SlotSpec, SlottedModel
 
 QUANTS = ("fp32", "int8", "int4")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-BLOCK_SIZE = 32
-# MatMulNBits compute type 4 = int8 activations. Default base, one-token decode, 1 thread, CPU ms:
-# int8 weights 281 at level 1 (fp32 compute: ORT 1.32's CPU falls back to dequantising per call),
-# 17 at level 4; int4 20.8 -> 15.6. Perplexity barely moves (int8 26.89 -> 26.80, fp32 26.88).
-ACCURACY_LEVEL = 4
-OPSET = 21  # int4 tensors (GatherBlockQuantized's embedding) need opset 21 / IR 10
+OPSET = 21
 ADAPTER_VERSION = 1  # of our .onnx_adapter content (names and layout of the slot tensors)
 
 
@@ -265,35 +260,6 @@ def light_optimize(model) -> None:
         p(model)
 
 
-def fold_weight_transposes(proto) -> None:
-    """Turn `MatMul(x, Transpose(W))` with W an initializer into `MatMul(x, Wᵀ)`, in place.
-
-    A tied LM head reads the embedding through a Transpose (the embedding Gather reads it as
-    is), which hides it from the quantizer: MatMulNBits only replaces MatMuls whose weight is
-    an initializer. The transposed copy is what gets quantised; the Gather keeps its own.
-    """
-    from onnx import numpy_helper
-
-    initializers = {i.name: i for i in proto.graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    keep = []
-    for node in proto.graph.node:
-        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
-        weight = initializers.get(node.input[0]) if node.op_type == "Transpose" else None
-        users = consumers.get(node.output[0], [])
-        if (weight is None or len(weight.dims) != 2 or perm not in ([], [[1, 0]])
-                or not users or any(u.op_type != "MatMul" or list(u.input).index(node.output[0]) != 1 for u in users)):
-            keep.append(node)
-            continue
-        array = numpy_helper.to_array(weight).T.copy()
-        proto.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
-    del proto.graph.node[:]
-    proto.graph.node.extend(keep)
-
-
 def describe(values) -> list[dict]:
     """Graph inputs/outputs as {"name", "shape", "dtype"}; symbolic dimensions by name."""
     from onnx import helper
@@ -301,36 +267,6 @@ def describe(values) -> list[dict]:
     return [{"name": v.name,
              "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
              "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name} for v in values]
-
-
-def quantize_weights(proto, quant: str) -> Optional[dict]:
-    """Replace constant-weight MatMuls by MatMulNBits (int4/int8), in place; returns what was done."""
-    if quant == "fp32":
-        return None
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    root.handlers[:] = handlers  # its import calls logging.basicConfig(level=INFO)
-    root.setLevel(level)
-    bits = {"int8": 8, "int4": 4}[quant]
-    # The quantizer packs Gather (the embedding) only to 4 bits. At 8 bits the embedding stays fp32,
-    # and so does a tied LM head, which reads it through a Transpose: no bytes added, and the
-    # logits keep fp32 weights. At 4 bits the head gets its own (transposed) copy to quantise.
-    op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
-    if bits == 4:
-        fold_weight_transposes(proto)
-    with quiet_toolchain():
-        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False,
-                                         accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=op_types)
-        quantizer.process()
-    if quantizer.model.model is not proto:
-        proto.CopyFrom(quantizer.model.model)
-    ops = [n.op_type for n in proto.graph.node]
-    return {"tool": "onnxruntime.quantization.MatMulNBitsQuantizer", "bits": bits, "block_size": BLOCK_SIZE,
-            "symmetric": False, "accuracy_level": ACCURACY_LEVEL, "MatMulNBits": ops.count("MatMulNBits"),
-            "GatherBlockQuantized": ops.count("GatherBlockQuantized"),
-            "embedding": "int4" if "GatherBlockQuantized" in ops else "fp32"}
 
 
 def add_zero_slot_defaults(proto, spec: SlotSpec) -> None:

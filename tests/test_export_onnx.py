@@ -161,14 +161,16 @@ def test_greedy_matches_pytorch(exports, adapters):
 
 # -- quantised exports --------------------------------------------------------------------------
 
-# Relative L2 error of the logits vs fp32 PyTorch on the tiny random model (measured 0.022 / 0.42:
-# random weights have no structure for 4 bits to keep). Real quality is the slow test's business.
-@pytest.mark.parametrize("name,max_rel_error", [("int8-qv", 0.05), ("int4", 0.6)])
+# Relative L2 error of the logits vs fp32 PyTorch on the tiny random model (measured 0.068 / 0.42:
+# int8 activations inside MatMulNBits and an int8 embedding; random weights have no structure for
+# 4 bits to keep). Real quality is the slow test's business.
+@pytest.mark.parametrize("name,max_rel_error", [("int8-qv", 0.1), ("int4", 0.6)])
 def test_quantised_exports_run_close_and_smaller(exports, name, max_rel_error):
     manifest = exports["manifests"][name]
     q = manifest["onnx"]["quantization"]
-    assert q["tool"].endswith("MatMulNBitsQuantizer") and q["block_size"] == 32
+    assert q["block_size"] == 32 and q["kept_fp32"] == 0
     assert q["MatMulNBits"] == 2 * 7 + 1  # every base linear and the LM head; never a slot
+    assert q["GatherBlockQuantized"] == 1  # the embedding
     size = lambda m: m["files"]["model.onnx.data"]["size"]  # noqa: E731
     assert size(manifest) < 0.6 * size(exports["manifests"]["fp32"])
     steps = steps_for()
@@ -176,6 +178,52 @@ def test_quantised_exports_run_close_and_smaller(exports, name, max_rel_error):
     reference = np.concatenate([x.ravel() for x in torch_logits(exports["model_dir"], None, steps)])
     assert np.isfinite(got).all()
     assert np.linalg.norm(got - reference) / np.linalg.norm(reference) < max_rel_error
+
+
+def q4_1_grid_weight(k: int, n: int, seed: int = 0) -> np.ndarray:
+    """A (K, N) weight as a Q4_1 GGUF holds it: per 32 inputs of a column, w = d q + m, q in 0..15 (both ends used)."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.uniform(0.001, 0.01, (n, k // 32, 1)).astype(np.float32)
+    m = rng.uniform(-0.08, 0.0, (n, k // 32, 1)).astype(np.float32)
+    return (d * q + m).astype(np.float32).reshape(n, k).T.copy()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_quantisation_is_exact_on_a_q4_1_grid(bits):
+    from ondevice_lora.exporters.onnx_quant import block_quantize
+
+    weight = q4_1_grid_weight(64, 24)
+    packed, step, low = block_quantize(weight, bits)
+    q = packed.astype(np.int32)
+    if bits == 4:
+        q = np.stack([q & 15, q >> 4], axis=-1).reshape(24, 2, 32)
+    restored = (q * step.reshape(24, 2, 1) + low.T[..., None]).reshape(24, 64).T
+    assert np.abs(restored - weight).max() <= 1e-6
+
+
+@pytest.mark.parametrize("bits,level,max_rel_error", [(4, 0, 1e-5), (8, 0, 1e-5), (4, 4, 0.03), (8, 4, 0.03)])
+def test_quantised_matmul_runs_in_onnxruntime(bits, level, max_rel_error, monkeypatch):
+    """One MatMul through the rewrite: exact weights; level 4 adds only int8 activation rounding."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ondevice_lora.exporters import onnx_quant
+
+    monkeypatch.setattr(onnx_quant, "ACCURACY_LEVEL", level)
+    weight = q4_1_grid_weight(64, 96, seed=1)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 96])],
+                              [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx_quant.GraphQuantizer(model, bits).run(head_input=None)
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
+    x = np.random.default_rng(2).standard_normal((1, 3, 64)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x @ weight
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= max_rel_error
 
 
 def test_adapter_on_quantised_export(exports, tmp_path):
@@ -283,15 +331,13 @@ def test_export_refuses_existing_dir_and_damaged_files(exports, tmp_path):
 QUESTION = "What is the capital of France?"
 CHUNK = 256
 
-# Criteria of the issue this export misses on the default base, with what was measured. The base
-# is itself a Q4_1 GGUF (every linear holds <= 16 values per block of 32, on a grid with a float
-# minimum); MatMulNBits' integer zero points cannot hold that grid, so int4 rounds twice
-# (RTN +28% perplexity; 8-bit down_proj + LM head +12%; HQQ's float zero points +7% but
-# 290 ms/token on ORT 1.32's CPU fallback). The greedy answer's first token is a near tie in fp32
-# ("The" 25.33 vs "L" 25.24): int8 with int8 activations (accuracy level 4) flips it to
-# "L'Étoile, la Marseillaise, ..." with perplexity unchanged; fp32 activations keep it at
-# 16x the decode time. A pass here turns the known miss into a plain pass.
-KNOWN_MISSES = {("int4", "perplexity"), ("int8", "answer")}
+# Criteria of the issue this export misses on the default base, with what was measured. The
+# greedy answer's first token is a near tie in fp32 ("The" 25.33 vs "L" 25.24). The weights of
+# both widths are exact (the base is a Q4_1 GGUF; onnx_quant.py keeps its grid), so what flips
+# it is MatMulNBits' int8 activations (accuracy level 4): at 8 bits to "L'Étoile, la Cité, ...",
+# perplexity +2.5% (+1.4% at 4 bits, answer kept); fp32 activations keep it at 16x the decode
+# time. A pass here turns the known miss into a plain pass.
+KNOWN_MISSES = {("int8", "answer")}
 
 
 def nll(logits: np.ndarray, ids: list[int]) -> float:
