@@ -84,6 +84,7 @@ class GraphQuantizer:
 
     def add_initializer(self, array: np.ndarray, name: str) -> str:
         self.graph.initializer.append(self.from_array(array, name))
+        self.initializers[name] = self.graph.initializer[-1]
         return name
 
     def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
@@ -95,9 +96,11 @@ class GraphQuantizer:
     def block_sum(self, x: str, k: int) -> str:
         """x @ P: the sum of each block of BLOCK_SIZE inputs, computed once per input tensor."""
         if x not in self.block_sums:
-            p = np.kron(np.eye(k // BLOCK_SIZE, dtype=np.float32), np.ones((BLOCK_SIZE, 1), np.float32))
-            name = f"{x}_block_sums"
-            self.block_sums[x] = self.node("MatMul", [x, self.add_initializer(p, f"{name}.P")], name)
+            p_name = f"block_sums_{k}.P"  # one 0/1 matrix per input width, shared by every layer
+            if p_name not in self.initializers:
+                p = np.kron(np.eye(k // BLOCK_SIZE, dtype=np.float32), np.ones((BLOCK_SIZE, 1), np.float32))
+                self.add_initializer(p, p_name)
+            self.block_sums[x] = self.node("MatMul", [x, p_name], f"{x}_block_sums")
         return self.block_sums[x]
 
     def matmul(self, node, bits: int) -> None:

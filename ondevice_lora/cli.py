@@ -1,6 +1,7 @@
 """The `odlora` command line. It only parses flags and calls library functions.
 
     odlora base pull
+    odlora demo                                         # all of the below on the shipped sample data
     odlora generate --prompt "What is the capital of France?"
     odlora personalize --data dates.jsonl --out adapters/dates
     odlora generate --adapter adapters/dates --prompt "Normalise: March 5th, 2021"
@@ -372,6 +373,55 @@ def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, 
                "export_seconds": manifest["export_seconds"]}
     click.echo(json.dumps({**summary, "files": sizes}) if as_json else print_fields(summary))
 
+
+# -- the whole job ----------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--base", "base", default=None, help=BASE_HELP)
+@click.option("--out", default=Path("odlora-demo"), show_default=True, type=click.Path(path_type=Path),
+              help="Working directory: adapters, exports, packed blobs and demo-state.json.")
+@click.option("--targets", default=None, metavar="LIST",
+              help="Runtimes to export for, in order: onnx,executorch (default: both; --quick: onnx).")
+@click.option("--steps", default=None, type=int, help="Training steps per adapter (default: 40; --quick: 20).")
+@click.option("--examples", default=None, type=int,
+              help="Held-out test examples per task for exact match (default: 40; --quick: 20).")
+@click.option("--quant", "quants", default=None, metavar="T=Q,...",
+              help="Base quantisation per runtime (default: onnx=int4,executorch=fp32, the fastest to export).")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--quick", is_flag=True, help="Half the steps and test examples, ONNX only: a first look in minutes.")
+@click.option("--fresh", is_flag=True, help="Redo every stage instead of reusing valid outputs in --out.")
+@json_option
+def demo(base, out, targets, steps, examples, quants, threads, quick, fresh, as_json):
+    """The main job end to end on the shipped sample data (`dates`, `contacts`).
+
+    \b
+    Personalises two adapters on the default base, exports the base once per runtime (ONNX
+    Runtime int4, ExecuTorch), packs both adapters for each export, then on one loaded base per
+    runtime: held-out exact match (adapter vs base), requests that alternate the adapters, and
+    the swap latency. Prints a summary table: exact match, sizes, swap latency, time per stage.
+    A rerun reuses every stage whose output in --out is still valid.
+    """
+    from .demo import DemoConfig, format_summary, quick as quick_config, run_demo
+
+    cfg = DemoConfig(base=base, out=out, threads=threads, fresh=fresh)
+    if quick:
+        cfg = quick_config(cfg)
+    if targets is not None:
+        cfg.targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    if steps is not None:
+        cfg.steps = steps
+    if examples is not None:
+        cfg.eval_examples = examples
+    for spec in (quants or "").split(","):
+        target, sep, quant = spec.strip().partition("=")
+        if spec.strip() and not (sep and target and quant):
+            raise OdloraError(f"--quant {quants!r}: write TARGET=QUANT, e.g. executorch=8da4w")
+        if sep:
+            cfg.quant[target] = quant
+    summary = run_demo(cfg, say=lambda msg: click.echo(msg, err=True), show=click.echo)
+    click.echo(format_summary(summary))
+    if as_json:
+        click.echo(json.dumps(summary))
 
 
 # -- runtime ----------------------------------------------------------------------------------

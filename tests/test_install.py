@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 # Build from a copy, so that pip's build/ and *.egg-info never land in the working tree.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
-                                    ".pytest_cache", "out", "runs", ".odlora-home", "*.safetensors", "*.gguf")
+                                    ".pytest_cache", "out", "runs", ".odlora-home", "odlora-demo", "*.safetensors",
+                                    "*.gguf")
 
 
 def run(cmd, cwd: Path) -> subprocess.CompletedProcess:
