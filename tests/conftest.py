@@ -279,3 +279,26 @@ def default_base():
             pytest.fail(reason + " (ODLORA_REQUIRE_DEFAULT_BASE=1)", pytrace=False)
         pytest.skip(reason)
     return load_base(DEFAULT_BASE)
+
+
+@pytest.fixture(scope="session")
+def default_adapter(default_base, tmp_path_factory):
+    """A rank-8 all-linear adapter on the default base with random non-zero A and B at a trained
+    adapter's scale; returns (its directory, the fp32 default base with it attached)."""
+    from ondevice_lora.adapter import adapter_from_model, attach_adapter, load_adapter, save_adapter
+    from ondevice_lora.base import load_base
+    from ondevice_lora.lora import LoraConfig, apply_lora
+    from ondevice_lora.registry import DEFAULT_BASE
+
+    torch.manual_seed(0)
+    base = load_base(DEFAULT_BASE)
+    config = LoraConfig(rank=8, alpha=16.0)
+    apply_lora(base.model, config)
+    for name, p in base.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    out = tmp_path_factory.mktemp("default-adapter") / "random-r8"
+    save_adapter(adapter_from_model(base.model, config, {"base_fingerprint": base.fingerprint}), out, DEFAULT_BASE)
+    reference = load_base(DEFAULT_BASE)
+    attach_adapter(reference.model, load_adapter(out))
+    return out, reference.model.eval()

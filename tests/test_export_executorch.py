@@ -257,8 +257,8 @@ REAL_SEQ = 256
 
 
 @pytest.mark.slow
-def test_default_base_export(default_base, tmp_path):
-    """fp32 parity with PyTorch; each quantised export keeps the answer, held-out perplexity within
+def test_default_base_export(default_base, default_adapter, tmp_path):
+    """fp32 parity with PyTorch, with zero slots and with an adapter; each quantised export keeps the answer, held-out perplexity within
     5% and at most 0.3x the fp32 size.
 
     8da4w keeps this Q4_1 base's own 4-bit grid (GridOffsetLinear): measured perplexity 26.99,
@@ -291,6 +291,13 @@ def test_default_base_export(default_base, tmp_path):
                 assert (sessions["fp32"].forward([token], pos) - want).abs().max().item() <= TOL
     finally:
         model.drop_cache()
+    adapter_dir, with_adapter = default_adapter
+    pack(adapter_dir, exports["fp32"], tmp_path / "r8.slots")
+    with torch.no_grad():
+        want = with_adapter(torch.tensor([prompt]))
+    assert (want - model(torch.tensor([prompt]))).abs().max().item() > 0.1  # the adapter changes the logits
+    got = sessions["fp32"].forward(prompt, 0, sessions["fp32"].load_adapter(tmp_path / "r8.slots"))
+    assert (got - want).abs().max().item() <= TOL
 
     size = {quant: (out / "model.pte").stat().st_size + (out / "model.ptd").stat().st_size for quant, out in exports.items()}
     text = (Path(samples_init).parent / "general.txt").read_text()

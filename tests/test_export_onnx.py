@@ -363,12 +363,22 @@ def default_reference(default_base):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["fp32", "int8", "int4"])
-def test_default_base(default_base, default_reference, tmp_path, quant):
-    """fp32 parity on a chat prompt; every export keeps the greedy answer; quantised perplexity <= +5%."""
+def test_default_base(default_base, default_reference, default_adapter, tmp_path, quant):
+    """fp32 parity on a chat prompt, with zero slots and with an adapter; every export keeps the
+    greedy answer; quantised perplexity <= +5%."""
     ref = default_reference
     export(None, "onnx", tmp_path / quant, quant=quant, max_seq_len=CHUNK, say=quiet)
     session = OnnxSession(tmp_path / quant)
     logits, _ = session.forward([ref["prompt"]], range(len(ref["prompt"])), session.new_cache())
+    if quant == "fp32":
+        adapter_dir, with_adapter = default_adapter
+        pack(adapter_dir, tmp_path / quant, tmp_path / "r8.onnx_adapter")
+        got, _ = session.forward([ref["prompt"]], range(len(ref["prompt"])), session.new_cache(),
+                                 session.load_adapter(tmp_path / "r8.onnx_adapter"))
+        with torch.no_grad():
+            want = with_adapter(torch.tensor([ref["prompt"]])).numpy()
+        assert np.abs(want - ref["logits"]).max() > 0.1  # the adapter changes the logits
+        assert float(np.abs(got - want).max()) <= 1e-3
     answer = default_base.tokenizer.decode(session.greedy(ref["prompt"], 12))
     total = 0.0
     for chunk in ref["chunks"]:
