@@ -261,7 +261,10 @@ def test_serve_command_says_where_it_listens_and_stops_on_ctrl_c(tiny_export):
     export_dir, blobs = tiny_export
     process = subprocess.Popen([sys.executable, "-m", "ondevice_lora", "serve", "--export", export_dir, "--port", "0",
                                 "--adapter", f"dates={blobs['a']}", "--adapter", blobs["b"]],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # A shell starts background jobs with SIGINT ignored, and a child
+                               # inherits that: give the server the terminal's default, as a user's has.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stdout.readline()
         pattern = r"odlora serve: listening on http://127\.0\.0\.1:\d+/v1 \(models: base, b, dates\)\n"
