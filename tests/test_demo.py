@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,24 +25,11 @@ from ondevice_lora import demo  # noqa: E402
 from ondevice_lora.demo import STATE, DemoConfig, format_summary, quick, run_demo  # noqa: E402
 from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.samples import SAMPLE_TASKS  # noqa: E402
-from ondevice_lora import cli  # noqa: E402
+from test_cli import run_cli  # noqa: E402
 
 TARGETS = ("onnx", "executorch") if importlib.util.find_spec("executorch") else ("onnx",)
 REUSABLE = [f"personalize {t}" for t in SAMPLE_TASKS] + [s for target in TARGETS for s in (f"export {target}",
                                                                                               f"pack {target}")]
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`odlora ARGS` in-process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["odlora", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def tiny_config(base_dir: Path, out: Path, **changes) -> DemoConfig:
