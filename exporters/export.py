@@ -72,10 +72,10 @@ def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str
     return manifest
 
 
-def file_table(root: Path) -> dict[str, dict]:
-    """Relative path -> {"sha256", "size"} for every file under root."""
+def file_table(root: Path, manifest: str = MANIFEST) -> dict[str, dict]:
+    """Relative path -> {"sha256", "size"} for every file under root but the manifest itself."""
     return {str(f.relative_to(root)): {"sha256": sha256_file(f), "size": f.stat().st_size}
-            for f in sorted(root.rglob("*")) if f.is_file() and f.name != MANIFEST}
+            for f in sorted(root.rglob("*")) if f.is_file() and f != root / manifest}
 
 
 def read_manifest(export_dir: Path, verify: bool = True) -> dict:

@@ -67,7 +67,7 @@ def no_chat_option(f):
 
 def export_option(f):
     return click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path),
-                        help="An `odlora export` directory.")(f)
+                        help="An `odlora export` directory, or an app bundle (`odlora bundle`) with its adapters.")(f)
 
 
 def backend_option(f):
@@ -115,6 +115,16 @@ def load_weighted_adapters(specs, fingerprint: str):
         check_base(adapter, fingerprint, path)
         weighted.append((adapter, weight))
     return blend(weighted)
+
+
+def open_runtime(export_dir: Path, backend: Optional[str]):
+    """A Runtime on an export directory, or on a bundle with its adapters registered by id."""
+    from .runtime import Runtime
+    from .runtime.bundle import BUNDLE_MANIFEST
+
+    if (Path(export_dir) / BUNDLE_MANIFEST).exists():
+        return Runtime.open_bundle(export_dir, backend=backend)
+    return Runtime.open(export_dir, backend=backend)
 
 
 def register_blobs(rt, specs) -> list[str]:
@@ -437,9 +447,7 @@ def demo(base, out, targets, steps, examples, quants, threads, quick, fresh, as_
 @json_option
 def run_cmd(export_dir, adapters, prompt, backend, no_chat, as_json, sampling):
     """Run one request on an exported base with packed adapters; prints the completion, streamed."""
-    from .runtime import Runtime
-
-    rt = Runtime.open(export_dir, backend=backend)
+    rt = open_runtime(export_dir, backend)
     weighted = [parse_weighted(spec) for spec in adapters]
     ids = register_blobs(rt, [path for path, _ in weighted])
     blend = [(name, weight) for name, (_, weight) in zip(ids, weighted)]
@@ -469,10 +477,9 @@ def serve(export_dir, adapters, host, port, backend):
     temperature, top_p, seed, stop and stream (server-sent events). Absent fields take odlora's
     defaults (greedy, 128 tokens). Stop with Ctrl-C.
     """
-    from .runtime import Runtime
     from .runtime.server import build_server, model_ids
 
-    rt = Runtime.open(export_dir, backend=backend)
+    rt = open_runtime(export_dir, backend)
     register_blobs(rt, adapters)
     server = build_server(rt, host, port)
     click.echo(f"odlora serve: listening on {server.url} (models: {', '.join(model_ids(rt))})")
@@ -500,12 +507,60 @@ def chat_cmd(export_dir, adapters, backend, sampling):
       /quit         leave (so does end of input)
     When the conversation outgrows the export's --max-seq-len, its oldest turns are dropped.
     """
-    from .runtime import Runtime
     from .runtime.chat import run_chat
 
-    rt = Runtime.open(export_dir, backend=backend)
+    rt = open_runtime(export_dir, backend)
     ids = register_blobs(rt, adapters)
     run_chat(rt, sys.stdin, sys.stdout, sampling, ids[0] if ids else "base")
+
+
+@cli.command("bundle")
+@export_option
+@named_adapters_option
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The bundle directory to write.")
+@click.option("--no-base", is_flag=True, help="Bundle the adapters alone, to be downloaded later onto an installed base bundle.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only once the new bundle is complete).")
+@json_option
+def bundle_cmd(export_dir, adapters, out, no_base, force, as_json):
+    """Write what an app ships: the exported base, tokenizer, prompt format and packed adapters,
+    with a manifest (format version, base fingerprint, slot spec, sha256 and size of every file).
+
+    \b
+    --adapter [ID=]FILE   a packed blob for this export (id: the file's stem); repeatable
+    --no-base             an adapter bundle, checked against the app's base bundle when opened
+    Open one with `odlora run/serve/chat --export BUNDLE`, or check it with `odlora verify`.
+    """
+    from .runtime.bundle import write_bundle
+
+    pairs = [split_id(spec) for spec in adapters]
+    named = [(name or Path(path).name.split(".")[0], Path(path)) for name, path in pairs]
+    manifest = write_bundle(export_dir, named, out, with_base=not no_base, force=force)
+    size = sum(f["size"] for f in manifest["files"].values())
+    summary = {"bundle": str(out), "kind": manifest["kind"], "target": manifest["target"],
+               "adapters": [a["id"] for a in manifest["adapters"]], "files": len(manifest["files"]), "bytes": size}
+    click.echo(f"wrote {manifest['kind']} bundle {out}: {len(manifest['files'])} files, {size / 2**20:.1f} MiB, "
+               f"adapters: {', '.join(summary['adapters']) or 'none'}")
+    if as_json:
+        click.echo(json.dumps(summary))
+
+
+@cli.command("verify")
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
+@click.option("--base", "base_bundle", default=None, type=click.Path(path_type=Path),
+              help="The installed base bundle an adapter bundle must match.")
+@json_option
+def verify_cmd(bundle_dir, base_bundle, as_json):
+    """Check a bundle: format version, paths, every file's sha256, and the base it was made for."""
+    from .runtime.bundle import open_bundle
+
+    base = open_bundle(base_bundle) if base_bundle else None
+    bundle = open_bundle(bundle_dir, base=base)
+    m = bundle.manifest
+    click.echo(f"{bundle_dir}: ok ({m['kind']} bundle, {m['target']}, {len(m['files'])} files verified, "
+               f"adapters: {', '.join(a['id'] for a in m['adapters']) or 'none'})")
+    if as_json:
+        click.echo(json.dumps({"bundle": str(bundle_dir), "ok": True, "kind": m["kind"], "target": m["target"],
+                               "adapters": [a["id"] for a in m["adapters"]]}))
 
 
 def main():

@@ -83,6 +83,20 @@ class Runtime:
         return cls(export_dir, manifest, open_backend(export_dir, manifest, backend, threads), tokenizer,
                    AdapterCache(cache_bytes))
 
+    @classmethod
+    def open_bundle(cls, bundle_dir, adapter_bundles=(), **kwargs) -> "Runtime":
+        """Open an app bundle (`odlora bundle`): verify it and every adapter bundle against it,
+        load its base, and register every adapter under its bundled id."""
+        from .bundle import open_bundle
+
+        bundle = open_bundle(bundle_dir)
+        extras = [open_bundle(path, base=bundle) for path in adapter_bundles]
+        rt = cls.open(bundle.base_dir, **kwargs)
+        for b in (bundle, *extras):
+            for adapter_id, blob in b.adapter_files().items():
+                rt.register_adapter(adapter_id, blob)
+        return rt
+
     @property
     def max_seq_len(self) -> int:
         return self.backend.max_seq_len

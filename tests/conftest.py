@@ -302,3 +302,29 @@ def default_adapter(default_base, tmp_path_factory):
     reference = load_base(DEFAULT_BASE)
     attach_adapter(reference.model, load_adapter(out))
     return out, reference.model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model_factory, tmp_path_factory):
+    """A tiny ExecuTorch export (fp32, r<=8 all-linear slots) with two random adapters packed for it,
+    bundled as an app would ship it: `base` holds the export and adapter `a`; `extra` is an adapter
+    bundle with `b`. Returns a dict of the paths and the adapter directories."""
+    pytest.importorskip("executorch")
+    from ondevice_lora.exporters.export import export, pack
+    from ondevice_lora.runtime.bundle import write_bundle
+    from test_runtime import make_adapter
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bundle")
+    base_dir = tiny_model_factory("llama")
+    export(str(base_dir), "executorch", root / "export", max_rank=8, max_seq_len=64, say=lambda *_: None)
+    dirs, blobs = {}, {}
+    for name, seed, rank in (("a", 1, 4), ("b", 2, 8)):
+        dirs[name] = make_adapter(base_dir, root / f"adapter-{name}", seed, rank, ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                                  "gate_proj", "up_proj", "down_proj"))
+        blobs[name] = root / f"{name}.slots"
+        pack(dirs[name], root / "export", blobs[name])
+    write_bundle(root / "export", [("a", blobs["a"])], root / "base-bundle")
+    write_bundle(root / "export", [("b", blobs["b"])], root / "extra-bundle", with_base=False)
+    return {"root": root, "base_dir": base_dir, "export": root / "export", "dirs": dirs, "blobs": blobs,
+            "base": root / "base-bundle", "extra": root / "extra-bundle"}

@@ -1,0 +1,184 @@
+"""Bundles: what a mobile app ships, and what it downloads later.
+
+    odlora bundle --export exports/executorch --adapter dates=dates.slots --out app-bundle
+    odlora bundle --export exports/executorch --adapter notes=notes.slots --no-base --out notes-bundle
+
+A base bundle is a directory an app copies into its assets:
+
+    bundle.json                 the bundle manifest (below)
+    base/                       the export, as `odlora export` wrote it (program, weights, tokenizer/,
+                                its own manifest.json)
+    adapters/<id><suffix>       packed adapters (`odlora adapter pack`), each with its sidecar .json
+
+An adapter bundle (`--no-base`) holds only `adapters/`: it is downloaded later and checked against
+the installed base bundle (same format, target, base fingerprint and slot layout).
+
+bundle.json: `format` "odlora-bundle", `format_version`, `kind` ("base" | "adapters"), `target`,
+`base_fingerprint`, `slots` (the export's slot spec), `max_seq_len`, `prompt` (the chat template
+rendered around one user message as `chat_prefix` / `chat_suffix`, and `stop_ids`, so that a
+runtime without a template engine builds the same prompt), `adapters` ([{id, file, rank, metrics}]),
+and `files` ({relative path: {sha256, size}} for every other file). Opening a bundle checks all of it:
+an unknown format version, a path that leaves the bundle, a missing or changed file, or an adapter
+bundle for another base is an error that names what is wrong. The native runtime
+(`runtime/native`) applies the same checks to the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Optional
+
+from .. import __version__
+from ..atomic import staged_dir
+from ..base import load_tokenizer
+from ..errors import OdloraError
+from ..exporters.export import file_table, read_manifest
+from ..prompts import has_chat_template, render_chat, stop_token_ids
+from ..registry import sha256_file
+from .adapters import read_sidecar
+
+BUNDLE_MANIFEST = "bundle.json"
+BUNDLE_FORMAT = "odlora-bundle"
+BUNDLE_VERSION = 1
+BASE_DIR, ADAPTERS_DIR = "base", "adapters"
+_MESSAGE = "\x00odlora-message\x00"  # stands for the user's text when the chat template is rendered
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def base_dir(self) -> Path:
+        if self.manifest["kind"] != "base":
+            raise OdloraError(f"{self.path}: an adapter bundle has no base; open the app's base bundle")
+        return self.path / BASE_DIR
+
+    def adapter_files(self) -> dict[str, Path]:
+        """Adapter id -> its packed blob inside the bundle."""
+        return {a["id"]: self.path / a["file"] for a in self.manifest["adapters"]}
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+def write_bundle(export_dir: Path, adapters: list[tuple[str, Path]], out: Path, with_base: bool = True,
+                 force: bool = False) -> dict:
+    """Bundle an export (unless `with_base` is False) and packed adapters [(id, blob)]; returns bundle.json."""
+    export_dir, out = Path(export_dir), Path(out)
+    if out.exists() and not force:
+        raise OdloraError(f"{out} already exists (use --force to replace it)")
+    if not with_base and not adapters:
+        raise OdloraError("an adapter bundle (--no-base) needs at least one --adapter")
+    export = read_manifest(export_dir, verify=True)
+    ids = [adapter_id for adapter_id, _ in adapters]
+    if len(set(ids)) != len(ids):
+        raise OdloraError(f"adapter ids must be unique, got {ids}")
+    with staged_dir(out) as tmp:
+        if with_base:
+            shutil.copytree(export_dir, tmp / BASE_DIR)
+        (tmp / ADAPTERS_DIR).mkdir()
+        entries = [copy_adapter(adapter_id, Path(blob), export, tmp) for adapter_id, blob in adapters]
+        manifest = {
+            "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "tool_version": __version__,
+            "kind": "base" if with_base else "adapters", "target": export["target"],
+            "base_fingerprint": export["base_fingerprint"], "slots": export["slots"],
+            "max_seq_len": export["max_seq_len"], "prompt": prompt_format(export_dir, export),
+            "adapters": entries, "files": file_table(tmp, BUNDLE_MANIFEST),
+        }
+        (tmp / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def copy_adapter(adapter_id: str, blob: Path, export: dict, into: Path) -> dict:
+    check_adapter_id(adapter_id)
+    info = read_sidecar(blob, export)  # packed for this export's target and base, checksum intact
+    name = f"{ADAPTERS_DIR}/{adapter_id}{''.join(blob.suffixes) or '.bin'}"
+    shutil.copyfile(blob, into / name)
+    shutil.copyfile(blob.with_name(blob.name + ".json"), into / f"{name}.json")
+    return {"id": adapter_id, "file": name, "rank": info.get("rank"), "metrics": info.get("metrics", {})}
+
+
+def check_adapter_id(adapter_id: str) -> None:
+    if not adapter_id or not all(c.isalnum() or c in "-_." for c in adapter_id) or adapter_id.startswith("."):
+        raise OdloraError(f"adapter id {adapter_id!r}: use letters, digits, '-', '_' and '.' (it names a file)")
+
+
+def prompt_format(export_dir: Path, export: dict) -> dict:
+    """The chat template around one user message, and the stop ids, as plain strings and numbers."""
+    tokenizer = load_tokenizer(export_dir / "tokenizer")
+    prefix, suffix = "", ""
+    if has_chat_template(tokenizer):
+        rendered = render_chat(tokenizer, [{"role": "user", "content": _MESSAGE}], add_generation_prompt=True)
+        prefix, _, suffix = rendered.partition(_MESSAGE)
+    return {"chat_prefix": prefix, "chat_suffix": suffix,
+            "stop_ids": sorted(stop_token_ids(tokenizer, export.get("config") or {}))}
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+def open_bundle(path: Path, base: Optional[Bundle] = None) -> Bundle:
+    """Read and verify a bundle: format, paths, every file's size and sha256, and for an adapter
+    bundle that `base` (the installed base bundle) is the base its adapters were packed for."""
+    path = Path(path)
+    manifest_path = path / BUNDLE_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise OdloraError(f"{path}: not an odlora bundle (no {BUNDLE_MANIFEST})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OdloraError(f"{manifest_path}: invalid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise OdloraError(f"{manifest_path}: not an odlora bundle manifest")
+    if manifest.get("format_version") != BUNDLE_VERSION:
+        raise OdloraError(f"{manifest_path}: unknown bundle format version {manifest.get('format_version')!r} "
+                          f"(this odlora reads version {BUNDLE_VERSION})")
+    for field in ("kind", "target", "base_fingerprint", "slots", "adapters", "files"):
+        if field not in manifest:
+            raise OdloraError(f"{manifest_path}: field {field!r} is missing")
+    verify_files(path, manifest["files"])
+    for adapter in manifest["adapters"]:
+        check_adapter_id(str(adapter.get("id")))
+        if safe_relative(path, adapter.get("file")) and adapter["file"] not in manifest["files"]:
+            raise OdloraError(f"{manifest_path}: adapter {adapter['id']!r} file {adapter['file']} is not listed in files")
+    bundle = Bundle(path, manifest)
+    if manifest["kind"] == "base":
+        export = read_manifest(path / BASE_DIR, verify=False)  # its files were checked above
+        if export["base_fingerprint"] != manifest["base_fingerprint"]:
+            raise OdloraError(f"{path}: base/manifest.json's fingerprint differs from bundle.json's")
+    elif base is not None:
+        check_same_base(bundle, base)
+    return bundle
+
+
+def verify_files(root: Path, files: dict) -> None:
+    if not isinstance(files, dict) or not files:
+        raise OdloraError(f"{root / BUNDLE_MANIFEST}: 'files' must list the bundle's files")
+    for name, entry in files.items():
+        f = safe_relative(root, name)
+        if not f.is_file():
+            raise OdloraError(f"{root}: file {name} listed in {BUNDLE_MANIFEST} is missing")
+        if f.stat().st_size != entry.get("size") or sha256_file(f) != entry.get("sha256"):
+            raise OdloraError(f"{root}: file {name} does not match its sha256 in {BUNDLE_MANIFEST} (corrupt or changed)")
+
+
+def safe_relative(root: Path, name) -> Path:
+    """root/name, refusing absolute paths, `..` and links that lead out of the bundle."""
+    parts = PurePosixPath(str(name)).parts
+    if not isinstance(name, str) or not parts or name.startswith("/") or ".." in parts or "\\" in name:
+        raise OdloraError(f"{root / BUNDLE_MANIFEST}: path {name!r} leaves the bundle")
+    resolved = (root / name).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise OdloraError(f"{root / BUNDLE_MANIFEST}: path {name!r} leaves the bundle (through a link)")
+    return root / name
+
+
+def check_same_base(adapters: Bundle, base: Bundle) -> None:
+    mine, theirs = adapters.manifest, base.manifest
+    for field, what in (("base_fingerprint", "base"), ("target", "runtime target"), ("slots", "adapter slots")):
+        if mine[field] != theirs[field]:
+            raise OdloraError(f"{adapters.path}: packed for a different {what} than the installed bundle {base.path} "
+                              f"({field} differs); bundle the adapters against the app's export")
