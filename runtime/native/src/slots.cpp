@@ -1,0 +1,110 @@
+#include "slots.hpp"
+
+#include <cstring>
+#include <fstream>
+
+#include "errors.hpp"
+
+namespace odlora {
+
+SlotSpec SlotSpec::from_json(const Json& slots) {
+  SlotSpec spec;
+  spec.max_rank = slots.at("max_rank").get<int>();
+  spec.n_layers = slots.at("n_layers").get<int>();
+  for (const auto& [name, shape] : slots.at("layout").items()) {
+    spec.names.push_back(name);
+    spec.shape[name] = shape.get<std::vector<int64_t>>();
+  }
+  return spec;
+}
+
+SlotTensors SlotTensors::zeros(const SlotSpec& spec) {
+  SlotTensors t;
+  for (const auto& name : spec.names) {
+    const auto& s = spec.shape.at(name);
+    t.data[name].assign(s[0] * s[1] * s[2], 0.0f);
+  }
+  return t;
+}
+
+size_t SlotTensors::nbytes() const {
+  size_t n = 0;
+  for (const auto& [_, values] : data) n += values.size() * sizeof(float);
+  return n;
+}
+
+namespace {
+
+struct SafetensorsFile {
+  Json header;
+  std::vector<char> bytes;  // the data section
+
+  const float* f32(const std::string& name, const std::vector<int64_t>& shape, const std::string& where) const {
+    if (!header.contains(name)) throw Error(where + ": slot tensor " + name + " is missing");
+    const Json& info = header[name];
+    const auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();
+    int64_t count = 1;
+    for (auto d : shape) count *= d;
+    if (info.at("dtype") != "F32" || info.at("shape").get<std::vector<int64_t>>() != shape ||
+        offsets.size() != 2 || offsets[1] > bytes.size() || offsets[1] - offsets[0] != count * sizeof(float))
+      throw Error(where + ": slot tensor " + name + " is not F32 " + Json(shape).dump());
+    return reinterpret_cast<const float*>(bytes.data() + offsets[0]);
+  }
+};
+
+SafetensorsFile read_safetensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw Error(path + ": no such packed adapter");
+  const uint64_t size = in.tellg();
+  in.seekg(0);
+  uint64_t header_size = 0;
+  in.read(reinterpret_cast<char*>(&header_size), 8);  // little-endian, as every target we build for
+  if (!in || header_size > size - 8) throw Error(path + ": not a packed ExecuTorch adapter (bad safetensors header)");
+  std::string text(header_size, '\0');
+  in.read(text.data(), header_size);
+  SafetensorsFile f;
+  try {
+    f.header = Json::parse(text);
+  } catch (const Json::exception& e) {
+    throw Error(path + ": not a packed ExecuTorch adapter (" + e.what() + ")");
+  }
+  f.bytes.resize(size - 8 - header_size);
+  in.read(f.bytes.data(), f.bytes.size());
+  if (!in) throw Error(path + ": truncated");
+  return f;
+}
+
+}  // namespace
+
+SlotTensors SlotTensors::read(const std::string& path, const SlotSpec& spec, const std::string& base_fingerprint) {
+  const SafetensorsFile f = read_safetensors(path);
+  const Json meta = f.header.value("__metadata__", Json::object());
+  if (meta.value("format", "") != "odlora-executorch-slots")
+    throw Error(path + ": not a packed ExecuTorch adapter (format '" + meta.value("format", "") + "')");
+  if (meta.value("base_fingerprint", "") != base_fingerprint)
+    throw Error(path + ": packed for base " + meta.value("base_fingerprint", "").substr(0, 19) +
+                "..., this export is " + base_fingerprint.substr(0, 19) + "... (a different base)");
+  const int R = spec.max_rank;
+  const int rank = std::stoi(meta.value("rank", std::to_string(R)));
+  if (rank < 1 || rank > R) throw Error(path + ": rank " + std::to_string(rank) + " does not fit slots of rank " + std::to_string(R));
+  SlotTensors t = zeros(spec);
+  for (const auto& name : spec.names) {
+    const auto& s = spec.shape.at(name);  // A: (L, members * R, in), B: (L, out, R)
+    const bool is_a = name.rfind("lora_A", 0) == 0;
+    const std::vector<int64_t> stored = is_a ? std::vector<int64_t>{s[0], s[1] / R * rank, s[2]}
+                                             : std::vector<int64_t>{s[0], s[1], rank};
+    const float* src = f.f32(name, stored, path);
+    float* dst = t.data[name].data();
+    if (is_a) {  // each member's `rank` rows go to the start of its R rows
+      for (int64_t row = 0; row < stored[0] * stored[1]; ++row) {
+        const int64_t layer = row / stored[1], member = row % stored[1] / rank, r = row % rank;
+        std::memcpy(dst + ((layer * s[1]) + member * R + r) * s[2], src + row * s[2], s[2] * sizeof(float));
+      }
+    } else {  // each row's `rank` columns go to the start of its R columns
+      for (int64_t row = 0; row < s[0] * s[1]; ++row) std::memcpy(dst + row * R, src + row * rank, rank * sizeof(float));
+    }
+  }
+  return t;
+}
+
+}  // namespace odlora

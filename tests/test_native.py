@@ -1,0 +1,96 @@
+"""The native runtime (runtime/native, C++ against the executorch wheel) on the same bundles as the
+Python runtime: the same greedy tokens, the same refusals.
+
+    python -m pytest -q tests/test_native.py     # builds build/native once (~2 min on 2 cores), then seconds
+
+Needs CMake >= 3.28 (the `test` extra) and the system packages in runtime/native_build.py; CI
+installs them and sets ODLORA_REQUIRE_NATIVE=1, so that a missing one fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from ondevice_lora.errors import OdloraError
+from ondevice_lora.generate import SamplingConfig
+from ondevice_lora.runtime import Runtime
+from test_bundle import _absolute, _drop_file, _fingerprint, _flip_byte, _traversal, _version, edited
+from test_runtime import PROMPT
+
+REQUESTS = [  # (adapter, prompt, chat): adapters alternate on one loaded base
+    ("a", PROMPT, True), ("b", PROMPT, True), ("base", PROMPT, True), ("a", "My friend writes", False),
+    ("b", "She remembers 12 apples!", True), ("a", PROMPT, True),
+]
+
+
+@pytest.fixture(scope="session")
+def native():
+    from ondevice_lora.runtime.native_build import build
+
+    try:
+        return build(say=lambda *_: None)
+    except OdloraError as e:
+        if os.environ.get("ODLORA_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"native runtime did not build (ODLORA_REQUIRE_NATIVE=1): {e}", pytrace=False)
+        pytest.skip(f"native runtime did not build: {e}")
+
+
+def run_native(native, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(native), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_native_greedy_equals_the_python_runtime(native, tiny_bundle, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"adapter": a, "prompt": p, "chat": c, "max_new_tokens": 12}) + "\n"
+                                for a, p, c in REQUESTS))
+    done = run_native(native, tiny_bundle["base"], "--adapters", tiny_bundle["extra"], "--requests", requests)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    rt = Runtime.open_bundle(tiny_bundle["base"], [tiny_bundle["extra"]], threads=1)
+    for (adapter, prompt, chat), answer in zip(REQUESTS, answers, strict=True):
+        expected = rt.generate(prompt, adapter=None if adapter == "base" else adapter,
+                               sampling=SamplingConfig(max_new_tokens=12), chat=chat)
+        assert answer["adapter"] == adapter and answer["token_ids"] == expected.token_ids, (adapter, prompt)
+        assert answer["prompt_tokens"] == expected.prompt_tokens and answer["finish_reason"] == expected.finish_reason
+        if "\ufffd" not in expected.text:  # a random model may stop inside a UTF-8 character
+            assert answer["text"] == expected.text
+    assert len({tuple(a["token_ids"]) for a in answers[:3]}) == 3, "the adapters must change the answer"
+
+
+def test_a_bad_request_fails_alone(native, tiny_bundle, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"adapter": "nope", "prompt": "x"}\nnot json\n{"adapter": "a", "prompt": "x", "max_new_tokens": 2}\n')
+    done = run_native(native, tiny_bundle["base"], "--requests", requests)
+    first, second, third = (json.loads(line) for line in done.stdout.splitlines())
+    assert done.returncode == 0 and "requests.jsonl:1: unknown adapter 'nope'" in first["error"]
+    assert "requests.jsonl:2:" in second["error"] and len(third["token_ids"]) == 2
+
+
+def _missing_version(copy, m):
+    del m["format_version"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_drop_file, "file base/model.ptd listed in bundle.json is missing"),
+    (_flip_byte, "file adapters/a.slots does not match its sha256"),
+    (_traversal, "path '../outside.txt' leaves the bundle"),
+    (_absolute, "path '/etc/passwd' leaves the bundle"),
+    (_version, "unknown bundle format version 99"),
+    (_missing_version, "unknown bundle format version null"),
+    (_fingerprint, "fingerprint differs"),
+])
+def test_native_refuses_bad_bundles(native, tiny_bundle, tmp_path, edit, message):
+    done = run_native(native, edited(tiny_bundle["base"], tmp_path, edit), "--verify")
+    assert done.returncode == 2 and done.stderr.startswith("odlora-native: error: ") and message in done.stderr.splitlines()[0]
+
+
+def test_native_refuses_an_adapter_bundle_for_another_base(native, tiny_bundle, tmp_path):
+    other = edited(tiny_bundle["extra"], tmp_path, lambda c, m: m.update(base_fingerprint="sha256:" + "1" * 64))
+    done = run_native(native, tiny_bundle["base"], "--adapters", other, "--verify")
+    assert done.returncode == 2 and "packed for a different base" in done.stderr
+    done = run_native(native, tiny_bundle["extra"], "--verify")
+    assert done.returncode == 2 and "an adapter bundle has no base" in done.stderr
