@@ -94,3 +94,34 @@ def test_native_refuses_an_adapter_bundle_for_another_base(native, tiny_bundle, 
     assert done.returncode == 2 and "packed for a different base" in done.stderr
     done = run_native(native, tiny_bundle["extra"], "--verify")
     assert done.returncode == 2 and "an adapter bundle has no base" in done.stderr
+
+
+def test_kotlin_wrapper_on_the_jvm_gives_the_same_tokens(native, tiny_bundle, tmp_path):
+    """apps/android's OdloraRuntime.kt, compiled with kotlinc and run on the desktop JVM against the
+    JNI bridge built beside odlora-native: the same tokens as the Python runtime, errors as exceptions."""
+    import shutil
+
+    from ondevice_lora.runtime.native_build import SOURCE
+
+    kotlinc, java = shutil.which("kotlinc"), shutil.which("java")
+    jni = native.parent / "libodlora_jni.so"
+    if not (kotlinc and java and jni.exists()):
+        reason = "kotlinc, java or the JNI bridge (a JDK at build time) is missing"
+        if os.environ.get("ODLORA_REQUIRE_KOTLIN") == "1":
+            pytest.fail(reason + " (ODLORA_REQUIRE_KOTLIN=1)", pytrace=False)
+        pytest.skip(reason)
+    android = SOURCE.parents[1] / "apps" / "android"
+    jar = tmp_path / "check.jar"
+    compiled = subprocess.run([kotlinc, str(android / "odlora/src/main/kotlin/ai/odlora/OdloraRuntime.kt"),
+                               str(android / "jvm-check/Check.kt"), "-include-runtime", "-d", str(jar)],
+                              capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stderr
+    done = subprocess.run([java, f"-Djava.library.path={jni.parent}", "-cp", str(jar), "CheckKt", PROMPT,
+                           str(tiny_bundle["base"]), str(tiny_bundle["extra"])], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line.split("\t") for line in done.stdout.splitlines()]
+    rt = Runtime.open_bundle(tiny_bundle["base"], [tiny_bundle["extra"]], threads=1)
+    for adapter, tokens, finish in lines[:-1]:
+        expected = rt.generate(PROMPT, adapter=None if adapter == "base" else adapter, sampling=SamplingConfig(max_new_tokens=12))
+        assert [int(t) for t in tokens.split(",")] == expected.token_ids and finish == expected.finish_reason
+    assert [line[0] for line in lines] == ["base", "a", "b", "error"] and "unknown adapter 'missing'" in lines[-1][1]

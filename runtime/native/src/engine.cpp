@@ -164,8 +164,9 @@ std::vector<float> Engine::forward(const std::vector<uint64_t>& tokens, int64_t 
 Generation Engine::generate(const std::string& prompt, const std::string& adapter, int max_new_tokens, bool chat) {
   const auto started = std::chrono::steady_clock::now();
   const LoadedSlots& slots = slots_for(adapter);
-  if (max_new_tokens < 1) throw Error("max_new_tokens must be >= 1");
   Generation g;
+  g.swap_us = ms_since(started) * 1000;
+  if (max_new_tokens < 1) throw Error("max_new_tokens must be >= 1");
   const std::vector<uint64_t> ids = encode(prompt, chat);
   g.prompt_tokens = ids.size();
   const int64_t n = ids.size();

@@ -23,6 +23,7 @@ struct Generation {
   std::string text;
   size_t prompt_tokens = 0;
   std::string finish_reason;  // "stop" or "length"
+  double swap_us = 0;  // finding the adapter's program inputs (built when it was registered)
   double prefill_ms = 0, total_ms = 0;
 };
 

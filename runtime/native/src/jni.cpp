@@ -3,6 +3,7 @@
 #include <jni.h>
 
 #include <string>
+#include <vector>
 
 #include "engine.hpp"
 #include "errors.hpp"
@@ -15,6 +16,28 @@ std::string to_string(JNIEnv* env, jstring s) {
   std::string out(chars);
   env->ReleaseStringUTFChars(s, chars);
   return out;
+}
+
+// A Java string from UTF-8 bytes that may end inside a character. NewStringUTF wants "modified"
+// UTF-8 (no 4-byte sequences, no bad bytes), so: bad bytes -> U+FFFD (the JSON encoder's
+// replacement), then UTF-16 by hand, surrogate pairs for characters beyond the BMP.
+jstring utf8_string(JNIEnv* env, const std::string& bytes) {
+  const std::string valid = odlora::Json::parse(odlora::dump(bytes)).get<std::string>();
+  std::u16string out;
+  for (size_t i = 0; i < valid.size();) {
+    const unsigned char lead = valid[i];
+    const int extra = lead < 0x80 ? 0 : lead < 0xE0 ? 1 : lead < 0xF0 ? 2 : 3;
+    char32_t c = extra == 0 ? lead : lead & (0x3F >> extra);
+    for (int k = 1; k <= extra; ++k) c = (c << 6) | (valid[i + k] & 0x3F);
+    i += extra + 1;
+    if (c >= 0x10000) {
+      out += char16_t(0xD800 + ((c - 0x10000) >> 10));
+      out += char16_t(0xDC00 + ((c - 0x10000) & 0x3FF));
+    } else {
+      out += char16_t(c);
+    }
+  }
+  return env->NewString(reinterpret_cast<const jchar*>(out.data()), jsize(out.size()));
 }
 
 odlora::Engine* engine(jlong handle) { return reinterpret_cast<odlora::Engine*>(handle); }
@@ -54,14 +77,20 @@ JNIEXPORT jobjectArray JNICALL Java_ai_odlora_OdloraRuntime_nativeAdapterIds(JNI
   return out;
 }
 
-JNIEXPORT jstring JNICALL Java_ai_odlora_OdloraRuntime_nativeGenerate(JNIEnv* env, jclass, jlong handle, jstring prompt,
+JNIEXPORT jobject JNICALL Java_ai_odlora_OdloraRuntime_nativeGenerate(JNIEnv* env, jclass, jlong handle, jstring prompt,
                                                                       jstring adapter, jint max_new_tokens) {
-  return guarded<jstring>(env, nullptr, [&] {
+  return guarded<jobject>(env, nullptr, [&] {
     const std::string id = to_string(env, adapter);
     const auto g = engine(handle)->generate(to_string(env, prompt), id, max_new_tokens);
-    const odlora::Json result = {{"adapter", id.empty() ? "base" : id}, {"text", g.text}, {"token_ids", g.tokens},
-                                 {"finish_reason", g.finish_reason}, {"total_ms", g.total_ms}};
-    return env->NewStringUTF(odlora::dump(result).c_str());
+    jlongArray tokens = env->NewLongArray(jsize(g.tokens.size()));
+    std::vector<jlong> values(g.tokens.begin(), g.tokens.end());
+    env->SetLongArrayRegion(tokens, 0, jsize(values.size()), values.data());
+    // ai.odlora.Generation(text, adapter, tokenIds, finishReason, totalMs); text as JSON would need a
+    // parser on the Kotlin side, so the fields go over one by one.
+    jclass cls = env->FindClass("ai/odlora/Generation");
+    jmethodID init = env->GetMethodID(cls, "<init>", "(Ljava/lang/String;Ljava/lang/String;[JLjava/lang/String;D)V");
+    return env->NewObject(cls, init, utf8_string(env, g.text), env->NewStringUTF(id.empty() ? "base" : id.c_str()), tokens,
+                          env->NewStringUTF(g.finish_reason.c_str()), jdouble(g.total_ms));
   });
 }
 

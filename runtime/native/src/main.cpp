@@ -55,7 +55,7 @@ Options parse(int argc, char** argv) {
 odlora::Json to_json(const odlora::Generation& g, const std::string& adapter) {
   return {{"adapter", adapter.empty() ? "base" : adapter}, {"text", g.text}, {"token_ids", g.tokens},
           {"prompt_tokens", g.prompt_tokens}, {"finish_reason", g.finish_reason},
-          {"prefill_ms", g.prefill_ms}, {"total_ms", g.total_ms}};
+          {"swap_us", g.swap_us}, {"prefill_ms", g.prefill_ms}, {"total_ms", g.total_ms}};
 }
 
 // One request a line, answered in order on stdout; a bad request answers {"error"} and the rest go on.

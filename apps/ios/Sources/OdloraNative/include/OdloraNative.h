@@ -1,0 +1,17 @@
+// The native runtime (runtime/native) for Swift: an Objective-C face over odlora::Engine.
+#import <Foundation/Foundation.h>
+
+NS_ASSUME_NONNULL_BEGIN
+
+@interface OdloraNativeRuntime : NSObject
+/// Verifies the bundle at `path` (sha256 of every file) and loads its ExecuTorch base once.
+- (nullable instancetype)initWithBundle:(NSString*)path error:(NSError**)error;
+/// Verifies an adapter bundle against the base and registers its adapters.
+- (BOOL)addAdapterBundle:(NSString*)path error:(NSError**)error;
+@property(nonatomic, readonly) NSArray<NSString*>* adapterIds;
+/// Greedy answer inside the chat template; `adapter` nil is the base.
+- (nullable NSString*)generate:(NSString*)prompt adapter:(nullable NSString*)adapter
+                  maxNewTokens:(NSInteger)maxNewTokens error:(NSError**)error;
+@end
+
+NS_ASSUME_NONNULL_END
