@@ -148,13 +148,19 @@ def resolve_model(rt: Runtime, model: str) -> list:
         raise APIError(404, f"the model {model!r} does not exist: {e}", param="model", code="model_not_found") from None
 
 
-def parse_request(endpoint: Endpoint, raw: bytes, rt: Runtime) -> Request:
+def read_json(raw: bytes) -> dict:
+    """A request body that must be one JSON object."""
     try:
         body = json.loads(raw)
     except ValueError as e:
         raise APIError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def parse_request(endpoint: Endpoint, raw: bytes, rt: Runtime) -> Request:
+    body = read_json(raw)
     if field(body, "n", int, 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
     model = field(body, "model", str)
@@ -246,7 +252,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def get(self) -> None:
         if self.route() != "/v1/models":
-            raise APIError(404, f"no route GET {self.path}", code="not_found")
+            self.web_route("GET")
+            return
         created = self.server.created
         data = [{"id": name, "object": "model", "created": created, "owned_by": "odlora"}
                 for name in model_ids(self.server.runtime)]
@@ -255,7 +262,8 @@ class Handler(BaseHTTPRequestHandler):
     def post(self) -> None:
         endpoint = ENDPOINTS.get(self.route())
         if endpoint is None:
-            raise APIError(404, f"no route POST {self.path}", code="not_found")
+            self.web_route("POST")
+            return
         request = parse_request(endpoint, self.read_body(), self.server.runtime)
         on_text = None
         if request.stream:
@@ -270,6 +278,12 @@ class Handler(BaseHTTPRequestHandler):
         choice = endpoint.choice(result.text, result.finish_reason)
         self.send_json(200, request.envelope(endpoint.object, choices=[choice], usage=usage(result)))
 
+    def web_route(self, method: str) -> None:
+        """The web demo's routes (`webapp.py`), when this server has it; else a 404."""
+        webapp = self.server.webapp
+        if webapp is None or not webapp.handle(self, method, self.route()):
+            raise APIError(404, f"no route {method} {self.path}", code="not_found")
+
     def read_body(self) -> bytes:
         length = self.headers.get("Content-Length", "0")
         if not length.isdigit():
@@ -279,10 +293,14 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(length))
 
     def send_json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+        self.send_bytes(status, json.dumps(body).encode(), "application/json")
+
+    def send_bytes(self, status: int, data: bytes, content_type: str, headers: Optional[dict] = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -290,9 +308,9 @@ class Handler(BaseHTTPRequestHandler):
 class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True  # a client holding its connection open never blocks shutdown
 
-    def __init__(self, address: tuple[str, int], runtime: Runtime):
+    def __init__(self, address: tuple[str, int], runtime: Runtime, webapp=None):
         super().__init__(address, Handler)
-        self.runtime, self.created = runtime, int(time.time())
+        self.runtime, self.webapp, self.created = runtime, webapp, int(time.time())
 
     @property
     def url(self) -> str:
@@ -300,9 +318,10 @@ class OpenAIServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
 
-def build_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000) -> OpenAIServer:
-    """The server, bound but not serving yet: call `serve_forever()` (port 0 binds a free port; see `.url`)."""
+def build_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000, webapp=None) -> OpenAIServer:
+    """The server, bound but not serving yet: call `serve_forever()` (port 0 binds a free port; see `.url`).
+    `webapp` (a `webapp.WebApp`) adds the demo page and its personalisation jobs."""
     try:
-        return OpenAIServer((host, port), rt)
+        return OpenAIServer((host, port), rt, webapp)
     except OSError as e:
         raise OdloraError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
