@@ -14,6 +14,9 @@ Requests honour max_tokens, temperature, top_p, seed, stop, and stream (server-s
 OpenAI's chunk format); absent fields take odlora's defaults (greedy, 128 tokens), not OpenAI's.
 A bad request gets a 4xx with OpenAI's error JSON and fails alone.
 
+`odlora serve` also hands the server a `webapp.WebApp`: the demo page at `/` and its `/odlora/...`
+routes (personalisation jobs), answered by that module.
+
 Each request runs in its own thread; the Runtime is thread-safe. The standard library's
 http.server is enough: the API is a few JSON routes, meant for one device's loopback.
 """
