@@ -232,6 +232,7 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, route) -> None:
         """Run `route`; a failure answers this request only (an error event once streaming)."""
         self.stream: Optional[EventStream] = None
+        self.quiet = False  # a route may keep its request out of the log (a progress poll)
         try:
             route()
         except (BrokenPipeError, ConnectionResetError):
@@ -243,6 +244,10 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug: say so, and keep serving
             traceback.print_exc()
             self.fail(APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+
+    def log_request(self, code="-", size="-") -> None:
+        if not (self.quiet and code == 200):
+            super().log_request(code, size)
 
     def fail(self, error: APIError) -> None:
         if self.stream is not None and self.stream.started:

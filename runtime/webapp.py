@@ -244,6 +244,7 @@ class WebApp:
         elif method == "GET" and route == "/odlora/state":
             handler.send_json(200, self.state())
         elif method == "GET" and route.startswith("/odlora/jobs/"):
+            handler.quiet = True  # the page polls twice a second while a job runs
             handler.send_json(200, self.job(route[len("/odlora/jobs/"):]).to_dict())
         elif method == "POST" and route == "/odlora/jobs":
             check_same_site(handler)

@@ -263,7 +263,7 @@ class Page:
         shutil.copy(path, OUTPUT / name)
 
 
-def test_browser_chats_with_two_adapters_and_personalises(served, browser, data_file, tmp_path):
+def test_browser_chats_with_two_adapters_and_personalises(browser, served, data_file, tmp_path):
     rt, root = served
     page = Page(browser, tmp_path)
     browser.get(root + "/")
