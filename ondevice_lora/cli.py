@@ -481,7 +481,7 @@ def serve(export_dir, adapters, host, port, work_dir, backend):
     register_blobs(rt, adapters)
     server = build_server(rt, host, port, webapp=WebApp(rt, work_dir))
     click.echo(f"odlora serve: listening on {server.url} (models: {', '.join(model_ids(rt))})")
-    click.echo(f"odlora serve: web demo on {server.url.removesuffix('/v1')}/")
+    click.echo(f"odlora serve: web demo on {server.root}/")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

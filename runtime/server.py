@@ -321,9 +321,15 @@ class OpenAIServer(ThreadingHTTPServer):
         self.runtime, self.webapp, self.created = runtime, webapp, int(time.time())
 
     @property
-    def url(self) -> str:
+    def root(self) -> str:
+        """Where the server listens (the web demo's page, when it has one)."""
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        """The base URL of OpenAI's API here."""
+        return f"{self.root}/v1"
 
 
 def build_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000, webapp=None) -> OpenAIServer:

@@ -52,7 +52,7 @@ def served(tiny_export, tmp_path_factory):
     server = build_server(rt, "127.0.0.1", 0, webapp=WebApp(rt, tmp_path_factory.mktemp("web-work")))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield rt, server.url.removesuffix("/v1")
+        yield rt, server.root
     finally:
         server.shutdown()
         server.server_close()
