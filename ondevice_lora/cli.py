@@ -464,25 +464,31 @@ def run_cmd(export_dir, adapters, prompt, backend, no_chat, as_json, sampling):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; the loopback default keeps the server to this machine (no authentication).")
 @click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port).")
+@click.option("--work", "work_dir", default=Path("odlora-web"), show_default=True, type=click.Path(path_type=Path),
+              help="Where the web demo's personalisation jobs write adapters, packed blobs and uploads.")
 @backend_option
-def serve(export_dir, adapters, host, port, backend):
-    """Serve an export over HTTP with OpenAI's API, each request choosing its adapter.
+def serve(export_dir, adapters, host, port, work_dir, backend):
+    """Serve an export over HTTP with OpenAI's API, each request choosing its adapter, and a web demo.
 
     \b
     GET  /v1/models              base and each --adapter id
     POST /v1/chat/completions    {"model", "messages", ...}, with the export's chat template
     POST /v1/completions         {"model", "prompt", ...}, raw text
+    GET  /                       the web demo: chat with several models side by side, personalise
 
     A request's `model` is `base`, an adapter id or a blend `a:0.7+b:0.3`; it honours max_tokens,
     temperature, top_p, seed, stop and stream (server-sent events). Absent fields take odlora's
-    defaults (greedy, 128 tokens). Stop with Ctrl-C.
+    defaults (greedy, 128 tokens). The page's personalisation jobs train on files of this machine,
+    write under --work, and add each new adapter to the served models. Stop with Ctrl-C.
     """
     from .runtime.server import build_server, model_ids
+    from .runtime.webapp import WebApp
 
     rt = open_runtime(export_dir, backend)
     register_blobs(rt, adapters)
-    server = build_server(rt, host, port)
+    server = build_server(rt, host, port, webapp=WebApp(rt, work_dir))
     click.echo(f"odlora serve: listening on {server.url} (models: {', '.join(model_ids(rt))})")
+    click.echo(f"odlora serve: web demo on {server.root}/")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -274,21 +274,25 @@ def packs_valid(result: dict) -> bool:
                and sha256_file(Path(b["file"])) == b["sha256"] for b in result.values())
 
 
-def held_out(rt, tasks, n: int, say) -> dict:
-    """Exact match on each task's first `n` test examples, adapter vs base, greedy."""
+def task_answers(rt, examples: list[dict], adapter: Optional[str]) -> list[str]:
+    """Greedy answers to chat examples (their last turn held back as the reference), each cut
+    a few tokens past its reference's length."""
     from .generate import SamplingConfig
 
+    return [rt.generate(ex["messages"][:-1], adapter=adapter,
+                        sampling=SamplingConfig(max_new_tokens=answer_budget(rt, ex["messages"][-1]["content"]))).text
+            for ex in examples]
+
+
+def held_out(rt, tasks, n: int, say) -> dict:
+    """Exact match on each task's first `n` test examples, adapter vs base, greedy."""
     results = {}
     for task in tasks:
         started = time.perf_counter()
         examples = load_examples(task, "test")[:n]
         prompts = [ex["messages"][:-1] for ex in examples]
         references = [ex["messages"][-1]["content"] for ex in examples]
-        answers = {}
-        for name, adapter in (("base", None), ("adapter", task)):
-            answers[name] = [
-                rt.generate(prompt, adapter=adapter, sampling=SamplingConfig(max_new_tokens=answer_budget(rt, ref))).text
-                for prompt, ref in zip(prompts, references)]
+        answers = {name: task_answers(rt, examples, adapter) for name, adapter in (("base", None), ("adapter", task))}
         results[task] = {"examples": len(examples), "base": exact_match(answers["base"], references),
                          "adapter": exact_match(answers["adapter"], references),
                          "samples": [{"prompt": p[-1]["content"], "expected": r, "base": b, "adapter": a}

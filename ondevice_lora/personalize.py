@@ -67,8 +67,13 @@ def prepare_data(cfg: PersonalizeConfig, data: Path, tokenizer):
 
 
 def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = False,
-                say: Callable[[str], None] = print, progress=None) -> dict:
-    """Train and save an adapter at `out`; returns the metrics written to its odlora.json."""
+                say: Callable[[str], None] = print, progress=None,
+                on_record: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train and save an adapter at `out`; returns the metrics written to its odlora.json.
+
+    progress(record, total_steps) sees each step; on_record(record) sees each step and each
+    validation as it happens (the records train_log.jsonl keeps), e.g. to draw live loss curves.
+    """
     out = Path(out)
     if cfg.dtype not in DTYPES:
         raise OdloraError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -89,11 +94,17 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
 
     identity = config_identity(base.fingerprint, lora.to_dict(), cfg.training, stats)
     log_records = []
+
+    def log(record: dict) -> None:
+        log_records.append(record)
+        if on_record:
+            on_record(record)
+
     meta = {"base": base.spec, "base_fingerprint": base.fingerprint, "base_quant": cfg.base_quant,
             "dtype": cfg.dtype, "seq_len": cfg.seq_len, "data": stats, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         history = train(model, train_data, val_data, cfg.training, identity, checkpoint_dir(out), resume,
-                        progress=progress, log=log_records.append)
+                        progress=progress, log=log)
     except KeyboardInterrupt:
         meta["interrupted"] = True
         meta["metrics"] = {"val": [r for r in log_records if r["event"] == "eval"]}

@@ -14,6 +14,9 @@ Requests honour max_tokens, temperature, top_p, seed, stop, and stream (server-s
 OpenAI's chunk format); absent fields take odlora's defaults (greedy, 128 tokens), not OpenAI's.
 A bad request gets a 4xx with OpenAI's error JSON and fails alone.
 
+`odlora serve` also hands the server a `webapp.WebApp`: the demo page at `/` and its `/odlora/...`
+routes (personalisation jobs), answered by that module.
+
 Each request runs in its own thread; the Runtime is thread-safe. The standard library's
 http.server is enough: the API is a few JSON routes, meant for one device's loopback.
 """
@@ -148,13 +151,19 @@ def resolve_model(rt: Runtime, model: str) -> list:
         raise APIError(404, f"the model {model!r} does not exist: {e}", param="model", code="model_not_found") from None
 
 
-def parse_request(endpoint: Endpoint, raw: bytes, rt: Runtime) -> Request:
+def read_json(raw: bytes) -> dict:
+    """A request body that must be one JSON object."""
     try:
         body = json.loads(raw)
     except ValueError as e:
         raise APIError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def parse_request(endpoint: Endpoint, raw: bytes, rt: Runtime) -> Request:
+    body = read_json(raw)
     if field(body, "n", int, 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
     model = field(body, "model", str)
@@ -223,6 +232,7 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, route) -> None:
         """Run `route`; a failure answers this request only (an error event once streaming)."""
         self.stream: Optional[EventStream] = None
+        self.quiet = False  # a route may keep its request out of the log (a progress poll)
         try:
             route()
         except (BrokenPipeError, ConnectionResetError):
@@ -235,6 +245,10 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self.fail(APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
 
+    def log_request(self, code="-", size="-") -> None:
+        if not (self.quiet and code == 200):
+            super().log_request(code, size)
+
     def fail(self, error: APIError) -> None:
         if self.stream is not None and self.stream.started:
             self.stream.send(error.body())
@@ -246,7 +260,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def get(self) -> None:
         if self.route() != "/v1/models":
-            raise APIError(404, f"no route GET {self.path}", code="not_found")
+            self.web_route("GET")
+            return
         created = self.server.created
         data = [{"id": name, "object": "model", "created": created, "owned_by": "odlora"}
                 for name in model_ids(self.server.runtime)]
@@ -255,7 +270,8 @@ class Handler(BaseHTTPRequestHandler):
     def post(self) -> None:
         endpoint = ENDPOINTS.get(self.route())
         if endpoint is None:
-            raise APIError(404, f"no route POST {self.path}", code="not_found")
+            self.web_route("POST")
+            return
         request = parse_request(endpoint, self.read_body(), self.server.runtime)
         on_text = None
         if request.stream:
@@ -270,6 +286,12 @@ class Handler(BaseHTTPRequestHandler):
         choice = endpoint.choice(result.text, result.finish_reason)
         self.send_json(200, request.envelope(endpoint.object, choices=[choice], usage=usage(result)))
 
+    def web_route(self, method: str) -> None:
+        """The web demo's routes (`webapp.py`), when this server has it; else a 404."""
+        webapp = self.server.webapp
+        if webapp is None or not webapp.handle(self, method, self.route()):
+            raise APIError(404, f"no route {method} {self.path}", code="not_found")
+
     def read_body(self) -> bytes:
         length = self.headers.get("Content-Length", "0")
         if not length.isdigit():
@@ -279,10 +301,14 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(length))
 
     def send_json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+        self.send_bytes(status, json.dumps(body).encode(), "application/json")
+
+    def send_bytes(self, status: int, data: bytes, content_type: str, headers: Optional[dict] = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -290,19 +316,26 @@ class Handler(BaseHTTPRequestHandler):
 class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True  # a client holding its connection open never blocks shutdown
 
-    def __init__(self, address: tuple[str, int], runtime: Runtime):
+    def __init__(self, address: tuple[str, int], runtime: Runtime, webapp=None):
         super().__init__(address, Handler)
-        self.runtime, self.created = runtime, int(time.time())
+        self.runtime, self.webapp, self.created = runtime, webapp, int(time.time())
+
+    @property
+    def root(self) -> str:
+        """Where the server listens (the web demo's page, when it has one)."""
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        """The base URL of OpenAI's API here."""
+        return f"{self.root}/v1"
 
 
-def build_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000) -> OpenAIServer:
-    """The server, bound but not serving yet: call `serve_forever()` (port 0 binds a free port; see `.url`)."""
+def build_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000, webapp=None) -> OpenAIServer:
+    """The server, bound but not serving yet: call `serve_forever()` (port 0 binds a free port; see `.url`).
+    `webapp` (a `webapp.WebApp`) adds the demo page and its personalisation jobs."""
     try:
-        return OpenAIServer((host, port), rt)
+        return OpenAIServer((host, port), rt, webapp)
     except OSError as e:
         raise OdloraError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

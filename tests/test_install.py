@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 # Build from a copy, so that pip's build/ and *.egg-info never land in the working tree.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
-                                    ".pytest_cache", "out", "runs", ".odlora-home", "odlora-demo", "*.safetensors",
-                                    "*.gguf")
+                                    ".pytest_cache", "out", "runs", ".odlora-home", "odlora-demo", "odlora-web",
+                                    "test-output", "*.safetensors", "*.gguf")
 
 
 def run(cmd, cwd: Path) -> subprocess.CompletedProcess:
@@ -58,7 +58,8 @@ def test_console_script_base_info(venv, tiny_llama_dir):
     assert json.loads(result.stdout)["architecture"] == "llama"
 
 
-@pytest.mark.parametrize("module", ["ondevice_lora", "ondevice_lora.exporters", "ondevice_lora.runtime"])
+@pytest.mark.parametrize("module", ["ondevice_lora", "ondevice_lora.exporters", "ondevice_lora.runtime",
+                                    "ondevice_lora.web"])
 def test_packages_import_from_the_venv(venv, module):
     code = f"import {module} as m; print(m.__file__)"
     location = Path(run([venv / "bin/python", "-c", code], cwd=venv).stdout.strip()).resolve()
@@ -71,3 +72,11 @@ def test_sample_data_is_installed(venv):
     path = Path(run([venv / "bin/python", "-c", code], cwd=venv).stdout.strip()).resolve()
     assert path.is_file()
     assert path.is_relative_to(venv.resolve()), path
+
+
+def test_web_page_is_installed(venv):
+    """`odlora serve` finds the demo page's files (apps/web) in the installed package."""
+    code = ("from ondevice_lora.runtime.webapp import static_file; "
+            "print([len(static_file(r)[0]) for r in ('', '/app/app.js', '/app/style.css', '/app/favicon.svg')])")
+    sizes = json.loads(run([venv / "bin/python", "-c", code], cwd=venv).stdout)
+    assert all(size > 0 for size in sizes), sizes

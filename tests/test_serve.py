@@ -271,6 +271,10 @@ def test_serve_command_says_where_it_listens_and_stops_on_ctrl_c(tiny_export):
         assert re.fullmatch(pattern, line), line + process.stderr.read()
         status, body = call(line.split()[4], "/models")
         assert status == 200 and [m["id"] for m in body["data"]] == ["base", "b", "dates"]
+        page = process.stdout.readline()
+        assert page == f"odlora serve: web demo on {line.split()[4].removesuffix('/v1')}/\n", page
+        with urllib.request.urlopen(page.split()[-1], timeout=30) as response:  # the demo page (tests/test_web.py)
+            assert response.headers["Content-Type"].startswith("text/html")
     finally:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)

@@ -1,0 +1,332 @@
+"""The web demo that `odlora serve` adds to OpenAI's routes: a page to chat with the base and its
+adapters side by side, and personalisation jobs that add adapters to the running server.
+
+    odlora serve --export exports/onnx --adapter dates=dates.onnx_adapter    # open http://127.0.0.1:8000/
+
+    GET  /                  the page (apps/web, installed as `ondevice_lora.web`); /app/NAME its other files
+    GET  /odlora/state      the export, each served adapter (rank, packed size, held-out metrics), the
+                            shipped sample tasks and the job in progress
+    POST /odlora/jobs       start a personalisation: {"name", "steps", "rank", "eval_examples", and one of
+                            "sample": TASK | "path": FILE | "upload": {"filename", "text"}}; 202 with the job
+    GET  /odlora/jobs/ID    its progress: state, step/total, loss and validation-loss curves, tokens/s, result
+
+The page chats through `/v1/chat/completions`, naming `base`, an adapter or a blend as `model`.
+A job runs `personalize` (the training loop of `odlora personalize`) in a thread, packs the adapter
+for the served export and registers it with the Runtime under its name, so that it is a model of
+the next request. When the data is a shipped sample's train split, it also scores exact match on
+that task's test split, base and adapter. One job runs at a time (another is a 409).
+
+Data comes from the server's own disk: a shipped sample, a `.txt` / `.jsonl` file (a regular file,
+read, never run) or the text of an uploaded file, saved under the work directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field as dataclass_field
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
+
+from ..demo import BLOB_SUFFIX, task_answers
+from ..errors import OdloraError
+from ..exporters.export import pack
+from ..lora import LoraConfig
+from ..personalize import PersonalizeConfig, personalize
+from ..samples import SAMPLE_TASKS, exact_match, load_examples, sample_path
+from ..train import TrainConfig
+from .engine import Runtime
+from .server import APIError, field, read_json
+
+WEB_PACKAGE = "ondevice_lora.web"
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+# The page loads nothing from elsewhere, and the browser holds it to that.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")  # an adapter id that is also a safe file name
+DATA_SUFFIXES = (".txt", ".jsonl")
+MAX_DATA_BYTES = 64 * 2**20
+MAX_STEPS = 2000
+MAX_EVAL_EXAMPLES = 100
+FINISHED = ("done", "failed")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+# -- the page ----------------------------------------------------------------------------------------
+
+def static_file(route: str) -> Optional[tuple[bytes, str]]:
+    """(content, type) of the page's file that `route` names; None when it names none.
+    Only files listed in the web package are served: a route cannot reach anything else."""
+    if route in ("", "/app"):
+        name = "index.html"
+    elif route.startswith("/app/"):
+        name = route[len("/app/"):]
+    else:
+        return None
+    files = {f.name: f for f in resources.files(WEB_PACKAGE).iterdir() if Path(f.name).suffix in CONTENT_TYPES}
+    if name not in files:
+        return None
+    return files[name].read_bytes(), CONTENT_TYPES[Path(name).suffix]
+
+
+def check_same_site(handler) -> None:
+    """Refuse a job request that another web site's page could have sent to this loopback server:
+    a cross-origin POST (CSRF), a body that is not JSON (which a form can send without asking),
+    or a Host that is not loopback while the server listens on loopback (DNS rebinding)."""
+    host = handler.headers.get("Host", "")
+    origin = handler.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != host:
+        raise APIError(403, f"cross-origin request from {origin} refused", code="forbidden")
+    if handler.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+        raise APIError(415, "send the job as Content-Type: application/json", code="unsupported_media_type")
+    if is_loopback(handler.server.server_address[0]) and urlsplit(f"//{host}").hostname not in LOOPBACK_NAMES:
+        raise APIError(403, f"Host {host!r} is not this loopback server", code="forbidden")
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+# -- a job -------------------------------------------------------------------------------------------
+
+@dataclass
+class JobSpec:
+    """A checked job request."""
+
+    name: str
+    data: Optional[Path]  # None until an upload is saved
+    steps: int
+    rank: int
+    eval_examples: int
+    task: Optional[str]  # the shipped sample task the data is, scored by exact match
+    upload: Optional[tuple[str, str]] = None  # (suffix, text) to save as the data
+
+
+@dataclass
+class Job:
+    """One personalisation, as the page sees it; written by the job's thread, read by requests."""
+
+    id: str
+    spec: JobSpec
+    state: str = "training"  # training -> packing -> scoring (a sample task) -> done | failed
+    step: int = 0
+    loss: list = dataclass_field(default_factory=list)  # [step, training loss] per step
+    val: list = dataclass_field(default_factory=list)  # [step, validation loss] per evaluation
+    tokens_per_s: float = 0.0
+    messages: list = dataclass_field(default_factory=list)
+    adapter: Optional[dict] = None  # the new adapter's facts, once done
+    error: Optional[str] = None
+    started: float = dataclass_field(default_factory=time.time)
+    seconds: Optional[float] = None
+    _lock: threading.Lock = dataclass_field(default_factory=threading.Lock, repr=False)
+
+    def record(self, record: dict) -> None:
+        """A training step or a validation, from `personalize`."""
+        with self._lock:
+            if record["event"] == "step":
+                self.step, self.tokens_per_s = record["step"], record["tokens_per_s"]
+                self.loss.append([record["step"], record["loss"]])
+            elif record["event"] == "eval":
+                self.val.append([record["step"], record["loss"]])
+
+    def say(self, message: str) -> None:
+        with self._lock:
+            self.messages.append(message)
+
+    def move_to(self, state: str, adapter: Optional[dict] = None, error: Optional[str] = None) -> None:
+        with self._lock:
+            self.state, self.adapter, self.error = state, adapter, error
+            if state in FINISHED:
+                self.seconds = time.time() - self.started
+
+    def to_dict(self) -> dict:
+        with self._lock:
+            return {"id": self.id, "name": self.spec.name, "state": self.state, "step": self.step,
+                    "total": self.spec.steps, "loss": list(self.loss), "val": list(self.val),
+                    "tokens_per_s": self.tokens_per_s, "task": self.spec.task, "data": str(self.spec.data),
+                    "messages": list(self.messages), "adapter": self.adapter, "error": self.error,
+                    "seconds": self.seconds if self.seconds is not None else time.time() - self.started}
+
+
+def read_job(body: dict, rt: Runtime) -> JobSpec:
+    """The job a request asks for, every field checked (a 400 naming the field otherwise)."""
+    name = field(body, "name", str)
+    if not NAME.fullmatch(name) or name == "base":
+        raise APIError(400, f"'name' {name!r}: use 1-40 letters, digits, '_', '-' or '.', starting with a letter or "
+                            f"digit, and not `base`", param="name", code="invalid_value")
+    max_rank = rt.manifest["slots"]["max_rank"]
+    steps = bounded(body, "steps", 40, MAX_STEPS)
+    rank = bounded(body, "rank", min(8, max_rank), max_rank, why=" (the export's adapter slots)")
+    eval_examples = bounded(body, "eval_examples", 20, MAX_EVAL_EXAMPLES, low=0)
+    sources = [key for key in ("sample", "path", "upload") if body.get(key) is not None]
+    if len(sources) != 1:
+        raise APIError(400, "give the data as exactly one of 'sample', 'path' or 'upload'", param="path",
+                       code="invalid_value")
+    spec = JobSpec(name, None, steps, rank, eval_examples, None)
+    if sources[0] == "upload":
+        spec.upload = read_upload(field(body, "upload", dict))
+        return spec
+    if sources[0] == "sample":
+        task = field(body, "sample", str)
+        if task not in SAMPLE_TASKS:
+            raise APIError(400, f"'sample' {task!r} is not one of {', '.join(SAMPLE_TASKS)}", param="sample",
+                           code="invalid_value")
+        spec.data = sample_path(task, "train")
+    else:
+        spec.data = data_file(field(body, "path", str))
+    spec.task = next((t for t in SAMPLE_TASKS if sample_path(t, "train").resolve() == spec.data), None)
+    return spec
+
+
+def bounded(body: dict, name: str, default: int, high: int, low: int = 1, why: str = "") -> int:
+    value = field(body, name, int, default)
+    if not low <= value <= high:
+        raise APIError(400, f"{name!r} must be from {low} to {high}{why}, got {value}", param=name,
+                       code="invalid_value")
+    return value
+
+
+def data_file(path: str) -> Path:
+    """A training file on this machine: a regular .txt or .jsonl file of sane size (never a
+    directory, device or pipe)."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved.suffix not in DATA_SUFFIXES:
+        raise APIError(400, f"'path' {path!r}: the data must be a {' or '.join(DATA_SUFFIXES)} file", param="path",
+                       code="invalid_value")
+    if not resolved.is_file():
+        raise APIError(400, f"'path' {path!r} is not a file on the server", param="path", code="invalid_value")
+    if resolved.stat().st_size > MAX_DATA_BYTES:
+        raise APIError(400, f"'path' {path!r} is over {MAX_DATA_BYTES // 2**20} MiB", param="path",
+                       code="invalid_value")
+    return resolved
+
+
+def read_upload(upload: dict) -> tuple[str, str]:
+    filename, text = upload.get("filename"), upload.get("text")
+    if not isinstance(filename, str) or not isinstance(text, str):
+        raise APIError(400, "'upload' must be {\"filename\": string, \"text\": string}", param="upload",
+                       code="invalid_type")
+    suffix = Path(filename).suffix
+    if suffix not in DATA_SUFFIXES:
+        raise APIError(400, f"'upload' {filename!r}: the data must be a {' or '.join(DATA_SUFFIXES)} file",
+                       param="upload", code="invalid_value")
+    if not text.strip():
+        raise APIError(400, f"'upload' {filename!r} is empty", param="upload", code="invalid_value")
+    return suffix, text
+
+
+# -- the app -----------------------------------------------------------------------------------------
+
+class WebApp:
+    """The page's routes and its jobs, over the server's Runtime; jobs write under `work_dir`."""
+
+    def __init__(self, rt: Runtime, work_dir):
+        self.rt, self.work_dir = rt, Path(work_dir)
+        self.jobs: dict[str, Job] = {}
+        self.current: Optional[Job] = None
+        self.scores: dict[str, dict] = {}  # adapter id -> exact match on its sample task
+        self._lock = threading.Lock()
+
+    def handle(self, handler, method: str, route: str) -> bool:
+        """Answer the request if `route` is one of ours; False if it is not."""
+        if method == "GET" and (page := static_file(route)) is not None:
+            handler.send_bytes(200, *page, headers=PAGE_HEADERS)
+        elif method == "GET" and route == "/odlora/state":
+            handler.send_json(200, self.state())
+        elif method == "GET" and route.startswith("/odlora/jobs/"):
+            handler.quiet = True  # the page polls twice a second while a job runs
+            handler.send_json(200, self.job(route[len("/odlora/jobs/"):]).to_dict())
+        elif method == "POST" and route == "/odlora/jobs":
+            check_same_site(handler)
+            handler.send_json(202, self.start(read_job(read_json(handler.read_body()), self.rt)).to_dict())
+        else:
+            return False
+        return True
+
+    def state(self) -> dict:
+        manifest = self.rt.manifest
+        export = {"target": manifest["target"], "quant": manifest.get("quant"), "base": manifest.get("base"),
+                  "backend": self.rt.backend.name, "max_rank": manifest["slots"]["max_rank"],
+                  "max_seq_len": self.rt.max_seq_len}
+        adapters = dict(self.rt.adapters)
+        return {"export": export, "adapters": [self.adapter_facts(adapters[name]) for name in sorted(adapters)],
+                "samples": list(SAMPLE_TASKS), "job": self.current.to_dict() if self.current else None}
+
+    def adapter_facts(self, entry) -> dict:
+        """What the page shows of a served adapter: from its packed blob's sidecar, plus exact match."""
+        metrics = entry.info.get("metrics") or {}
+        return {"id": entry.id, "rank": entry.info.get("rank"), "modules": entry.info.get("modules"),
+                "size": entry.info.get("size"), "val_loss_before": metrics.get("val_loss_before"),
+                "val_loss": metrics.get("val_loss"), "steps": metrics.get("steps"),
+                "exact_match": self.scores.get(entry.id)}
+
+    def job(self, job_id: str) -> Job:
+        if job_id not in self.jobs:
+            raise APIError(404, f"no job {job_id!r}", code="not_found")
+        return self.jobs[job_id]
+
+    def start(self, spec: JobSpec) -> Job:
+        """Start the job in a thread; a 409 while another runs or when the name is taken."""
+        with self._lock:
+            if self.current is not None and self.current.state not in FINISHED:
+                raise APIError(409, f"job {self.current.id} ({self.current.spec.name}) is still running: one job at "
+                                    f"a time", code="job_running")
+            if spec.name in self.rt.adapters:
+                raise APIError(409, f"an adapter named {spec.name!r} is already served: choose another name",
+                               param="name", code="name_taken")
+            job = Job(uuid.uuid4().hex[:12], spec)
+            if spec.upload is not None:
+                spec.data = self.save_upload(job, *spec.upload)
+            self.jobs[job.id] = self.current = job
+        threading.Thread(target=self.run, args=(job,), name=f"odlora-job-{job.id}", daemon=True).start()
+        return job
+
+    def save_upload(self, job: Job, suffix: str, text: str) -> Path:
+        path = self.work_dir / "uploads" / f"{job.spec.name}-{job.id}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def run(self, job: Job) -> None:
+        """Train, pack, register, score: the job's thread. A failure ends the job, never the server."""
+        spec = job.spec
+        try:
+            adapter_dir = self.work_dir / "adapters" / spec.name
+            personalize(self.personalize_config(spec), spec.data, adapter_dir, say=job.say, on_record=job.record)
+            job.move_to("packing")
+            blob = self.work_dir / "packed" / f"{spec.name}{BLOB_SUFFIX.get(self.rt.manifest['target'], '.adapter')}"
+            pack(adapter_dir, self.rt.export_dir, blob)
+            self.rt.register_adapter(spec.name, blob)
+            if spec.task and spec.eval_examples:
+                job.move_to("scoring")
+                self.scores[spec.name] = self.score(spec.task, spec.name, spec.eval_examples)
+            job.move_to("done", adapter=self.adapter_facts(self.rt.adapters[spec.name]))
+        except OdloraError as e:
+            job.move_to("failed", error=str(e))
+        except Exception as e:  # a bug: say so on the page and in the server's log
+            traceback.print_exc()
+            job.move_to("failed", error=f"internal error: {type(e).__name__}: {e}")
+
+    def personalize_config(self, spec: JobSpec) -> PersonalizeConfig:
+        """`odlora personalize`'s defaults, on the export's base, with LoRA on the export's slotted linears."""
+        lora = LoraConfig(rank=spec.rank, alpha=2.0 * spec.rank, targets=tuple(self.rt.manifest["slots"]["targets"]))
+        training = TrainConfig(steps=spec.steps, eval_every=max(1, spec.steps // 10), save_every=0)
+        return PersonalizeConfig(base=self.rt.manifest["base"], lora=lora, training=training)
+
+    def score(self, task: str, adapter: str, n: int) -> dict:
+        """Exact match on the task's first `n` test examples, base and adapter (greedy, on this export)."""
+        examples = load_examples(task, "test")[:n]
+        references = [ex["messages"][-1]["content"] for ex in examples]
+        return {"task": task, "examples": len(examples),
+                "base": exact_match(task_answers(self.rt, examples, None), references),
+                "adapter": exact_match(task_answers(self.rt, examples, adapter), references)}
