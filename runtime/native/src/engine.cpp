@@ -1,5 +1,7 @@
 #include "engine.hpp"
 
+#include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/backend/options.h>
 #include <executorch/runtime/platform/platform.h>
 
 #include <algorithm>
@@ -49,12 +51,22 @@ void log_errors_only(et_timestamp_t, et_pal_log_level_t level, const char* file,
   std::fprintf(stderr, "executorch %c %s:%zu] %.*s\n", char(level), file, line, int(length), message);
 }
 
+// XNNPACK packs each linear's weights for every method that uses them: with its weight cache the
+// decode and prefill methods share one packed copy instead of two.
+void share_packed_weights() {
+  executorch::runtime::BackendOptions<1> options;
+  options.set_option("weight_cache_enabled", true);
+  if (executorch::runtime::set_option("XnnpackBackend", options.view()) != executorch::runtime::Error::Ok)
+    std::fprintf(stderr, "odlora: XNNPACK's weight cache is not available; each method packs its own weights\n");
+}
+
 }  // namespace
 
 Engine::Engine(const std::string& bundle_path) : bundle_(open_bundle(bundle_path)) {
   static const bool quiet = executorch::runtime::register_pal(
       executorch::runtime::PalImpl::create(log_errors_only, __FILE__));
   (void)quiet;
+  share_packed_weights();
   if (bundle_.kind != "base") throw Error(bundle_path + ": an adapter bundle has no base; open the app's base bundle");
   if (bundle_.target != "executorch")
     throw Error(bundle_path + ": a " + bundle_.target + " bundle; the native runtime runs ExecuTorch bundles");
