@@ -30,6 +30,7 @@ from ondevice_lora.prompts import encode_prompt, stop_token_ids  # noqa: E402
 from ondevice_lora.samples import load_examples, sample_path  # noqa: E402
 from ondevice_lora.train import TrainConfig  # noqa: E402
 from test_cli import run_cli  # noqa: E402
+from test_personalize import Interrupt  # noqa: E402
 
 LORA = LoraConfig(rank=4, alpha=8)
 BATCH, SEQ = 4, 128
@@ -128,15 +129,6 @@ def test_same_steps_as_the_laptop_path_reach_its_loss(program, dates_jsonl, tmp_
     assert device["val_loss"] == pytest.approx(laptop["val_loss"], rel=0.02)
 
 
-class Interrupt:
-    def __init__(self, at):
-        self.at = at
-
-    def __call__(self, record, total):
-        if record["step"] == self.at:
-            raise KeyboardInterrupt
-
-
 def test_checkpoint_and_resume_finish_as_a_straight_run(program, dates_jsonl, tmp_path):
     base_dir, program_dir = program
     personalize(config(base_dir, program_dir, steps=6), dates_jsonl, tmp_path / "straight", say=quiet)
@@ -205,3 +197,36 @@ def test_export_trainable_cli_refuses_other_targets(tiny_llama_dir, tmp_path, mo
     assert code == 2 and "--target executorch" in err and not (tmp_path / "p").exists()
     with pytest.raises(OdloraError, match="not an odlora export"):
         read_program(tmp_path)
+
+
+# -- the default base ---------------------------------------------------------------------------
+
+DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_SEQ = 16, 4, 128  # the program's portable kernels take ~15 s a step
+TEST_EXAMPLES = 20
+
+
+def exact_match(adapter_dir) -> float:
+    base = load_base()
+    if adapter_dir is not None:
+        attach_adapter(base.model, load_adapter(adapter_dir))
+    return task_accuracy(base.model, base.tokenizer, load_examples("dates", "test")[:TEST_EXAMPLES],
+                         stop_token_ids(base.tokenizer, base.config))["exact_match"]
+
+
+@pytest.mark.slow
+def test_default_base_reaches_the_laptop_loss_and_learns_the_task(default_base, tmp_path):
+    lora = LoraConfig(rank=8, alpha=16)
+    export_trainable(default_base, tmp_path / "prog", lora, DEFAULT_BATCH, DEFAULT_SEQ, say=print)
+    training = {"steps": DEFAULT_STEPS, "lr": 2e-3, "batch_size": DEFAULT_BATCH, "eval_every": 0, "save_every": 0}
+    device = personalize(PersonalizeConfig(lora=lora, seq_len=DEFAULT_SEQ, engine="executorch", program=tmp_path / "prog",
+                                           base_quant="none", dtype="fp32", training=TrainConfig(**training)),
+                         sample_path("dates"), tmp_path / "et", say=print)
+    laptop = personalize(PersonalizeConfig(lora=lora, seq_len=DEFAULT_SEQ, training=TrainConfig(**training)),
+                         sample_path("dates"), tmp_path / "pt", say=print)  # the laptop default: int8 base, bf16
+    before, after = exact_match(None), exact_match(tmp_path / "et")
+    print(f"dates, {DEFAULT_STEPS} steps of {DEFAULT_BATCH} x {DEFAULT_SEQ}: val loss {device['val_loss_before']:.3f} -> "
+          f"executorch {device['val_loss']:.3f} ({device['seconds']:.0f} s), laptop {laptop['val_loss']:.3f} "
+          f"({laptop['seconds']:.0f} s); exact match on {TEST_EXAMPLES} test examples {before:.2f} -> {after:.2f}")
+    assert abs(device["val_loss"] - laptop["val_loss"]) <= 0.10 * laptop["val_loss"]
+    assert device["val_loss"] < 0.7 * device["val_loss_before"]
+    assert after >= before + 0.2
