@@ -85,7 +85,8 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.training.seed)
     base = program_base(cfg.program) if cfg.engine == "executorch" and cfg.program else load_base(cfg.base)
-    lora = replace(cfg.lora, layers=parse_layers(cfg.layers, base.config["num_hidden_layers"]))
+    n_layers = base.model.args.n_layers if base.model is not None else base.config["num_hidden_layers"]
+    lora = replace(cfg.lora, layers=parse_layers(cfg.layers, n_layers))
     if base.model is not None:
         match_targets(base.model, lora.targets, lora.layers)  # fail on bad targets before reading data
     if cfg.engine == "executorch":
@@ -99,7 +100,8 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
         f"base {setup['base_quant']} / {setup['dtype']}, engine {cfg.engine}")
 
     identity = config_identity(base.fingerprint, lora.to_dict(), cfg.training, stats)
-    identity["engine"] = cfg.engine
+    if cfg.engine != "torch":  # (torch checkpoints keep their identity from before engines existed)
+        identity["engine"] = cfg.engine
     log_records = []
     meta = {"base": base.spec, "base_fingerprint": base.fingerprint, **setup,
             "seq_len": cfg.seq_len, "data": stats, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
