@@ -23,7 +23,8 @@ graph ExecuTorch's (each a pure function, `JOINT_REWRITES`):
 
 - attention is traced through SDPA's math backend: the fused CPU flash-attention backward has
   no decomposition to core ATen and no ExecuTorch kernel;
-- `empty_permuted` with the identity permutation (SiLU's backward makes one) becomes `empty`.
+- `empty_permuted` with the identity permutation (SiLU's backward makes one) becomes `empty`;
+- a frozen weight transposed twice (forward, then backward) is read as it is.
 """
 
 from __future__ import annotations
@@ -83,7 +84,22 @@ def identity_empty_permuted(ep) -> None:
     ep.graph_module.recompile()
 
 
-JOINT_REWRITES = [identity_empty_permuted]
+def cancel_double_transpose(ep) -> None:
+    """`permute(permute(W, [1, 0]), [1, 0])` -> W: the backward of each frozen linear transposes
+    the forward's transposed weight back, which ExecuTorch would copy (a whole weight) per step."""
+    aten = torch.ops.aten
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        inner = node.args[0] if node.target == aten.permute.default else None
+        if (inner is not None and getattr(inner, "target", None) == aten.permute.default
+                and list(node.args[1]) == [1, 0] and list(inner.args[1]) == [1, 0]):
+            node.replace_all_uses_with(inner.args[0])
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+
+
+JOINT_REWRITES = [identity_empty_permuted, cancel_double_transpose]
 
 
 # -- export -----------------------------------------------------------------------------------
