@@ -17,8 +17,11 @@ parameters that require grad, so the backward computes input gradients through t
 base and weight gradients for A and B only; no optimiser runs in the program (ExecuTorch
 offers only SGD, `get_sgd_optimizer`; the trainer runs AdamW on the returned gradients).
 
-The frozen base is fp32 and stored in `train.ptd` beside the program (`train.pte` holds the
-graph and the LoRA factors, which the trainer updates in place). Rewrites that make the joint
+The frozen base is stored in `train.ptd` beside the program (`train.pte` holds the graph and
+the LoRA factors, which the trainer updates in place): fp32 (`none`), or with the decoder's
+linears int8 per output channel (`int8`, the laptop path's `quant.Int8Linear` grid), dequantised
+by plain ops inside the graph, so the backward runs through them like any other op (ExecuTorch has no
+quantised op with a backward; none is needed since the base does not train). Rewrites that make the joint
 graph ExecuTorch's (each a pure function, `JOINT_REWRITES`):
 
 - attention is traced through SDPA's math backend: the fused CPU flash-attention backward has
@@ -39,8 +42,10 @@ from torch import nn
 
 from ..errors import OdloraError
 from ..lora import LoraConfig, apply_lora
+from ..quant import Int8Linear, quantize_base
 
 PROGRAM, DATA = "train.pte", "train.ptd"
+BASE_QUANTS = ("none", "int8")  # named as personalize's --base-quant
 IGNORE = -100
 
 
@@ -104,14 +109,43 @@ JOINT_REWRITES = [identity_empty_permuted, cancel_double_transpose]
 
 # -- export -----------------------------------------------------------------------------------
 
-def training_step(model: nn.Module, lora: LoraConfig) -> TrainStep:
-    """A fp32 copy of `model` with LoRA applied (A random, B zero) inside a TrainStep."""
+def training_step(model: nn.Module, lora: LoraConfig, base_quant: str = "none") -> TrainStep:
+    """A fp32 copy of `model`, its decoder linears quantised per `base_quant`, with LoRA applied
+    (A random, B zero) inside a TrainStep."""
     if lora.dropout:
         raise OdloraError("--dropout is not supported by the ExecuTorch training program (no random ops in it)")
+    if base_quant not in BASE_QUANTS:
+        raise OdloraError(f"the ExecuTorch training program holds the base as {' or '.join(BASE_QUANTS)}, not {base_quant!r}")
     model = copy.deepcopy(model).float()
     model.drop_cache()
+    if base_quant == "int8":
+        quantize_int8(model)
     apply_lora(model, lora)
     return TrainStep(model).eval()
+
+
+class DequantizingLinear(nn.Module):
+    """A `quant.Int8Linear` (the laptop path's int8 grid: one scale per output channel) as plain
+    ops: its int8 weight dequantised to fp32 in the graph, then an ordinary linear."""
+
+    def __init__(self, q: Int8Linear):
+        super().__init__()
+        self.in_features, self.out_features = q.in_features, q.out_features
+        self.register_buffer("qweight", q.qweight)  # (out, in) int8
+        self.register_buffer("scales", q.scales.float()[:, None])  # (out, 1)
+        self.register_buffer("bias", q.bias.float() if q.bias is not None else None)
+
+    def forward(self, x):
+        return F.linear(x, self.qweight.float() * self.scales, self.bias)
+
+
+def quantize_int8(model: nn.Module) -> None:
+    """The decoder's linears to int8 weights in place (the embedding and LM head stay fp32)."""
+    quantize_base(model, "int8", torch.float32)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, DequantizingLinear(module))
 
 
 def example_batch(batch_size: int, seq_len: int):
@@ -134,7 +168,8 @@ def export_joint(step: TrainStep, batch_size: int, seq_len: int):
     return ep
 
 
-def export_training_program(model: nn.Module, lora: LoraConfig, batch_size: int, seq_len: int, out_dir: Path) -> dict:
+def export_training_program(model: nn.Module, lora: LoraConfig, batch_size: int, seq_len: int, out_dir: Path,
+                            base_quant: str = "none") -> dict:
     """Write train.pte + train.ptd into out_dir; returns the manifest's target fields."""
     from executorch.exir import ExecutorchBackendConfig, to_edge
 
@@ -142,13 +177,14 @@ def export_training_program(model: nn.Module, lora: LoraConfig, batch_size: int,
         raise OdloraError(f"--batch-size must be >= 1, got {batch_size}")
     if not 8 <= seq_len <= model.args.max_seq_len:
         raise OdloraError(f"--seq-len must be in 8..{model.args.max_seq_len}, got {seq_len}")
-    step = training_step(model, lora)
+    step = training_step(model, lora, base_quant)
     params = lora_parameters(step)
     ep = export_joint(step, batch_size, seq_len)
     tag = DATA.removesuffix(".ptd")
     program = to_edge(ep).to_executorch(ExecutorchBackendConfig(
-        # The frozen base (constants) to the .ptd; the trainable factors stay in the program.
-        external_constants=lambda node: tag,
+        # The frozen base (constants) to the .ptd; the trainable factors stay in the program, and
+        # so do constants the compiler lifted (they have no module path to be named by).
+        external_constants=lambda node: None if "_tensor_constant" in node.name else tag,
     ))
     out_dir = Path(out_dir)
     with open(out_dir / PROGRAM, "wb") as f:
@@ -156,7 +192,7 @@ def export_training_program(model: nn.Module, lora: LoraConfig, batch_size: int,
     program.write_tensor_data_to_file(str(out_dir))
     return {"executorch_train": {
         "program": PROGRAM, "data": DATA, "method": "forward", "batch_size": batch_size, "seq_len": seq_len,
-        "inputs": ["input_ids", "targets", "segment_ids"], "base_dtype": "float32",
+        "inputs": ["input_ids", "targets", "segment_ids"], "base_quant": base_quant,
         "lora": json.loads(json.dumps(lora.to_dict())), "scaling": lora.scaling,
         "parameters": {name: list(p.shape) for name, p in params.items()},
     }}

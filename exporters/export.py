@@ -62,7 +62,8 @@ def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str
                                                                    **target_fields})
 
 
-def export_trainable(base, out: Path, lora, batch_size: int, seq_len: int, force: bool = False, say=print) -> dict:
+def export_trainable(base, out: Path, lora, batch_size: int, seq_len: int, force: bool = False, say=print,
+                     base_quant: str = "none") -> dict:
     """Export an ExecuTorch training program (`executorch_train.py`) for `base` (a loaded Base);
     returns its manifest. Its target is `executorch-train`; the runtime does not serve it."""
     from .executorch_train import export_training_program
@@ -71,9 +72,9 @@ def export_trainable(base, out: Path, lora, batch_size: int, seq_len: int, force
     started = time.perf_counter()
     with staged_dir(out) as tmp:
         say(f"exporting {base.spec} as an ExecuTorch training program (LoRA r={lora.rank} on {','.join(lora.targets)}, "
-            f"batch {batch_size} x {seq_len} tokens, base fp32) ...")
-        fields = export_training_program(base.model, lora, batch_size, seq_len, tmp)
-        return write_manifest(tmp, base, "executorch-train", "fp32", started, {"max_seq_len": seq_len, **fields})
+            f"batch {batch_size} x {seq_len} tokens, base {base_quant}) ...")
+        fields = export_training_program(base.model, lora, batch_size, seq_len, tmp, base_quant)
+        return write_manifest(tmp, base, "executorch-train", base_quant, started, {"max_seq_len": seq_len, **fields})
 
 
 def check_out(out: Path, force: bool) -> Path:

@@ -382,11 +382,12 @@ def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, 
     if trainable:
         from .base import load_base
 
-        if target != "executorch" or quant not in (None, "fp32"):
-            raise OdloraError("--trainable exports an ExecuTorch program with an fp32 base: use --target executorch")
+        if target != "executorch" or quant not in (None, "none", "int8"):
+            raise OdloraError("--trainable exports an ExecuTorch program: use --target executorch "
+                              "[--quant none|int8] (the frozen base's weights)")
         lora = LoraConfig(rank=rank, alpha=alpha, targets=parse_targets(targets))
         manifest = export_trainable(load_base(base), out, lora, batch_size, seq_len, force,
-                                    say=lambda msg: click.echo(msg, err=True))
+                                    say=lambda msg: click.echo(msg, err=True), base_quant=quant or "none")
     else:
         manifest = export(base, target, out, quant, max_rank, parse_targets(targets), max_seq_len, force,
                           say=lambda msg: click.echo(msg, err=True))

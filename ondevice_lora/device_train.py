@@ -58,32 +58,35 @@ def program_lora(manifest: dict) -> LoraConfig:
     return LoraConfig(**manifest["executorch_train"]["lora"])
 
 
-def program_key(fingerprint: str, lora: LoraConfig, batch_size: int, seq_len: int) -> str:
-    what = {"base": fingerprint, "lora": lora.to_dict(), "batch_size": batch_size, "seq_len": seq_len}
+def program_key(fingerprint: str, lora: LoraConfig, batch_size: int, seq_len: int, base_quant: str) -> str:
+    what = {"base": fingerprint, "lora": lora.to_dict(), "batch_size": batch_size, "seq_len": seq_len,
+            "base_quant": base_quant}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_program(base, lora: LoraConfig, batch_size: int, seq_len: int, say=print) -> Path:
+def cached_program(base, lora: LoraConfig, batch_size: int, seq_len: int, base_quant: str, say=print) -> Path:
     """The training program for this base and shape under $ODLORA_HOME, exported on first use."""
     from .exporters.export import export_trainable
 
-    path = odlora_home() / "train-programs" / program_key(base.fingerprint, lora, batch_size, seq_len)
+    path = odlora_home() / "train-programs" / program_key(base.fingerprint, lora, batch_size, seq_len, base_quant)
     try:
         read_program(path)
         return path
     except OdloraError:  # absent or incomplete: (re)export it, atomically
-        export_trainable(base, path, lora, batch_size, seq_len, force=True, say=say)
+        export_trainable(base, path, lora, batch_size, seq_len, force=True, say=say, base_quant=base_quant)
     return path
 
 
-def check_program(manifest: dict, lora: LoraConfig, batch_size: int, seq_len: int, where: Path) -> None:
+def check_program(manifest: dict, lora: LoraConfig, batch_size: int, seq_len: int, base_quant: str,
+                  where: Path) -> None:
     """Refuse settings that the program was not exported with (they are baked into its graph)."""
     fields = manifest["executorch_train"]
     have = program_lora(manifest)
     wanted = {"--rank": (lora.rank, have.rank), "--alpha": (lora.alpha, have.alpha),
               "--targets": (",".join(lora.targets), ",".join(have.targets)),
               "--layers": (lora.layers, have.layers), "--rslora": (lora.use_rslora, have.use_rslora),
-              "--batch-size": (batch_size, fields["batch_size"]), "--seq-len": (seq_len, fields["seq_len"])}
+              "--batch-size": (batch_size, fields["batch_size"]), "--seq-len": (seq_len, fields["seq_len"]),
+              "--base-quant": (base_quant, fields.get("base_quant", "none"))}
     for flag, (asked, exported) in wanted.items():
         if asked != exported:
             raise OdloraError(f"--program {where} was exported with {flag} {exported}, not {asked}: "

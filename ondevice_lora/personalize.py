@@ -4,7 +4,7 @@
     -> train (AdamW on A/B) -> save the adapter atomically (PEFT format + odlora.json)
 
 `engine` picks what computes the gradients: `torch` (the laptop path: autograd on our model,
-base quantised) or `executorch` (an exported ExecuTorch training program, base fp32; see
+base quantised) or `executorch` (an exported ExecuTorch training program, base fp32 or int8; see
 `device_train.py`). Everything else, data to adapter, is the same code for both.
 
 The adapter is written to a temporary directory and renamed into place, so an existing
@@ -143,11 +143,12 @@ def check_executorch_flags(cfg: PersonalizeConfig, lora: LoraConfig) -> None:
         raise OdloraError("--activation-checkpointing is not supported by --engine executorch")
     if lora.dropout:
         raise OdloraError("--dropout is not supported by --engine executorch (the program has no random ops)")
-    if cfg.base_quant != "none" or cfg.dtype != "fp32":
-        raise OdloraError("--engine executorch holds the base in fp32: use --base-quant none --dtype fp32 "
-                          "(the defaults for this engine)")
+    if cfg.base_quant not in ("none", "int8") or cfg.dtype != "fp32":
+        raise OdloraError("--engine executorch computes in fp32 on a base held as none (fp32) or int8: "
+                          "use --base-quant none|int8 --dtype fp32 (the defaults for this engine: none, fp32)")
     if cfg.program is not None:
-        check_program(read_program(Path(cfg.program)), lora, cfg.training.batch_size, cfg.seq_len, Path(cfg.program))
+        check_program(read_program(Path(cfg.program)), lora, cfg.training.batch_size, cfg.seq_len, cfg.base_quant,
+                      Path(cfg.program))
 
 
 def executorch_engine(cfg: PersonalizeConfig, base: Base, lora: LoraConfig, say):
@@ -157,12 +158,12 @@ def executorch_engine(cfg: PersonalizeConfig, base: Base, lora: LoraConfig, say)
     if cfg.program is not None:
         program = Path(cfg.program)
     else:
-        program = cached_program(base, lora, cfg.training.batch_size, cfg.seq_len, say)
+        program = cached_program(base, lora, cfg.training.batch_size, cfg.seq_len, cfg.base_quant, say)
     manifest = read_program(program)
     if manifest["base_fingerprint"] != base.fingerprint:
         raise OdloraError(f"--program {program} was exported for another base")
     engine = ExecutorchEngine(program, manifest, seed=cfg.training.seed, threads=cfg.threads)
-    return engine, {"base_quant": "none", "dtype": "fp32", "engine": "executorch", "program": str(program)}
+    return engine, {"base_quant": cfg.base_quant, "dtype": "fp32", "engine": "executorch", "program": str(program)}
 
 
 def program_base(program: Path) -> Base:

@@ -65,15 +65,26 @@ def config(base_dir, program_dir, **training):
     )
 
 
-def test_gradients_equal_pytorch_autograd(program, dates_jsonl):
-    base_dir, program_dir = program
+@pytest.fixture(scope="module")
+def program_int8(tiny_model_factory, tmp_path_factory):
+    """The same with the frozen decoder linears held as int8."""
+    torch.set_num_threads(1)
+    base_dir = tiny_model_factory("llama")
+    out = tmp_path_factory.mktemp("program") / "prog-int8"
+    export_trainable(load_base(str(base_dir)), out, LORA, BATCH, SEQ, say=quiet, base_quant="int8")
+    return base_dir, out
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_gradients_equal_pytorch_autograd(request, dates_jsonl, quant):
+    base_dir, program_dir = request.getfixturevalue("program" if quant == "none" else "program_int8")
     base = load_base(str(base_dir))
     packed = pack(read_examples(dates_jsonl, base.tokenizer, SEQ), SEQ, base.tokenizer.pad_token_id)
     batch = next(batches(packed, 3, seed=0, epoch=0))  # 3 rows: the program pads to 4 with rows of no loss
     assert batch["segment_ids"].max() > 0, "rows must pack several examples"
 
     engine = ExecutorchEngine(program_dir, read_program(program_dir))
-    step = training_step(base.model, LORA)
+    step = training_step(base.model, LORA, quant)  # the same (quantised) base in PyTorch
     reference = lora_parameters(step)
     torch.manual_seed(1)
     with torch.no_grad():  # B away from zero, so that every factor gets a gradient
@@ -89,6 +100,18 @@ def test_gradients_equal_pytorch_autograd(program, dates_jsonl):
     print(f"max |grad diff| {max(diffs.values()):.2e}")
     assert max(diffs.values()) <= 1e-4
     assert all(p.grad.abs().max() > 0 for p in engine.params.values())
+
+
+def test_int8_base_trains(program, program_int8, dates_jsonl, tmp_path):
+    base_dir, program_dir = program_int8
+    cfg = config(base_dir, program_dir)
+    cfg.base_quant = "int8"
+    metrics = personalize(cfg, dates_jsonl, tmp_path / "ad", say=quiet)
+    assert metrics["val_loss"] < 0.8 * metrics["val_loss_before"]
+    assert json.loads((tmp_path / "ad" / "odlora.json").read_text())["base_quant"] == "int8"
+    fp32_base, int8_base = ((p[1] / "train.ptd").stat().st_size for p in (program, program_int8))
+    print(f"train.ptd: fp32 base {fp32_base} bytes, int8 {int8_base}")
+    assert int8_base < 0.7 * fp32_base  # the tiny model's embedding and head stay fp32
 
 
 def test_training_lowers_the_loss_and_the_adapter_packs_and_runs(program, dates_jsonl, tmp_path):
@@ -161,7 +184,8 @@ def test_a_failed_run_never_clobbers_an_existing_adapter(program, dates_jsonl, t
     (["--rank", "8"], None, "--rank 4"),  # the program was exported at rank 4
     (["--batch-size", "2"], None, "--batch-size 4"),
     (["--dropout", "0.1"], None, "--dropout"),
-    (["--base-quant", "int8"], None, "fp32"),
+    (["--base-quant", "int8"], None, "--base-quant none"),  # the program holds an fp32 base
+    (["--base-quant", "int4"], None, "none|int8"),
 ])
 def test_cli_bad_input_exits_2_and_keeps_the_old_adapter(program, dates_jsonl, tmp_path, monkeypatch, capsys,
                                                          flags, data, message):
