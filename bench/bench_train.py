@@ -96,6 +96,23 @@ def child(args):
     print(json.dumps(result))
 
 
+def run_children(script: str, args, extra: tuple = ()) -> dict:
+    """Run each of args.configs as `script --child CONFIG` in its own process; print and return the results."""
+    results = {}
+    for config in args.configs:
+        cmd = [sys.executable, script, "--child", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads),
+               *extra]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{config}: failed\n{out.stderr[-2000:]}")
+            continue
+        results[config] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{config:<20} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds_per_step']:6.2f} s/step  "
+              f"peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
@@ -110,18 +127,7 @@ def main():
     if args.child:
         return child(args)
     print("command:", " ".join([sys.executable, *sys.argv]))
-    results = {}
-    for config in args.configs:
-        cmd = [sys.executable, __file__, "--child", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{config}: failed\n{out.stderr[-2000:]}")
-            continue
-        results[config] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = results[config]
-        print(f"{config:<20} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds_per_step']:6.2f} s/step  "
-              f"peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+    results = run_children(__file__, args)
     if "peft" in results:
         ref = results["peft"]
         for config, r in results.items():

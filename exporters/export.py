@@ -49,9 +49,7 @@ def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str
     quant = quant or module.QUANTS[0]
     if quant not in module.QUANTS:
         raise OdloraError(f"--quant {quant!r} is not supported for {target} (choose from {', '.join(module.QUANTS)})")
-    out = Path(out)
-    if out.exists() and not force:
-        raise OdloraError(f"{out} already exists (use --force to replace it)")
+    out = check_out(out, force)
     started = time.perf_counter()
     base = load_base(base_spec)
     if max_seq_len > base.model.args.max_seq_len:
@@ -60,15 +58,42 @@ def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str
     with staged_dir(out) as tmp:
         say(f"exporting {base.spec} to {target} ({quant}, slots r<={max_rank} on {','.join(spec.targets)}) ...")
         target_fields = module.export_program(base.model, spec, tmp, quant, max_seq_len)
-        base.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        manifest = {
-            "format": "odlora-export", "format_version": FORMAT_VERSION, "tool_version": __version__,
-            "target": target, "quant": quant, "base": base.spec, "base_fingerprint": base.fingerprint,
-            "config": base.config, "max_seq_len": max_seq_len, "slots": spec.to_dict(),
-            "export_seconds": round(time.perf_counter() - started, 1), **target_fields,
-        }
-        manifest["files"] = file_table(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        return write_manifest(tmp, base, target, quant, started, {"max_seq_len": max_seq_len, "slots": spec.to_dict(),
+                                                                   **target_fields})
+
+
+def export_trainable(base, out: Path, lora, batch_size: int, seq_len: int, force: bool = False, say=print,
+                     base_quant: str = "none") -> dict:
+    """Export an ExecuTorch training program (`executorch_train.py`) for `base` (a loaded Base);
+    returns its manifest. Its target is `executorch-train`; the runtime does not serve it."""
+    from .executorch_train import export_training_program
+
+    out = check_out(out, force)
+    started = time.perf_counter()
+    with staged_dir(out) as tmp:
+        say(f"exporting {base.spec} as an ExecuTorch training program (LoRA r={lora.rank} on {','.join(lora.targets)}, "
+            f"batch {batch_size} x {seq_len} tokens, base {base_quant}) ...")
+        fields = export_training_program(base.model, lora, batch_size, seq_len, tmp, base_quant)
+        return write_manifest(tmp, base, "executorch-train", base_quant, started, {"max_seq_len": seq_len, **fields})
+
+
+def check_out(out: Path, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not force:
+        raise OdloraError(f"{out} already exists (use --force to replace it)")
+    return out
+
+
+def write_manifest(tmp: Path, base, target: str, quant: str, started: float, fields: dict) -> dict:
+    """Copy the tokenizer into an export being staged in `tmp` and write its manifest.json last."""
+    base.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    manifest = {
+        "format": "odlora-export", "format_version": FORMAT_VERSION, "tool_version": __version__,
+        "target": target, "quant": quant, "base": base.spec, "base_fingerprint": base.fingerprint,
+        "config": base.config, **fields, "export_seconds": round(time.perf_counter() - started, 1),
+    }
+    manifest["files"] = file_table(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

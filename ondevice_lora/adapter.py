@@ -59,15 +59,20 @@ class Adapter:
 
 # -- from and onto a model ------------------------------------------------------------------
 
+def model_factors(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Module name -> {"A": (r, in), "B": (out, r)} of a model's LoRA layers, fp32 copies."""
+    return {n: {"A": m.lora_A.weight.detach().float().clone(), "B": m.lora_B.weight.detach().float().clone()}
+            for n, m in lora_layers(model).items()}
+
+
 def adapter_from_model(model: nn.Module, config: LoraConfig, meta: dict) -> Adapter:
-    layers = lora_layers(model)
-    return Adapter(
-        A={n: m.lora_A.weight.detach().float().clone() for n, m in layers.items()},
-        B={n: m.lora_B.weight.detach().float().clone() for n, m in layers.items()},
-        scalings={n: m.scaling for n, m in layers.items()},
-        config=config,
-        meta=meta,
-    )
+    return adapter_from_factors(model_factors(model), config, meta)
+
+
+def adapter_from_factors(factors: dict[str, dict[str, torch.Tensor]], config: LoraConfig, meta: dict) -> Adapter:
+    """An adapter from module name -> {"A", "B"} (what a training engine's `factors()` returns)."""
+    return Adapter(A={n: f["A"] for n, f in factors.items()}, B={n: f["B"] for n, f in factors.items()},
+                   scalings={n: config.scaling for n in factors}, config=config, meta=meta)
 
 
 def attach_adapter(model: nn.Module, adapter: Adapter) -> None:

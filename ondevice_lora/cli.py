@@ -249,9 +249,14 @@ def generate(base, prompt, adapters, no_chat, sampling):
 @click.option("--targets", default="all-linear", show_default=True,
               help="qv | attn | all-linear | comma-separated module names (q_proj,v_proj,...).")
 @click.option("--layers", default="all", show_default=True, help="all | middle | A-B | i,j,k")
-@click.option("--base-quant", default="int8", show_default=True, type=click.Choice(["none", "int8", "int4"]),
-              help="How the frozen base is held while training.")
-@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp32"]), help="Compute dtype.")
+@click.option("--base-quant", default=None, type=click.Choice(["none", "int8", "int4"]),
+              help="How the frozen base is held while training (default: int8; none with --engine executorch).")
+@click.option("--dtype", default=None, type=click.Choice(["bf16", "fp32"]),
+              help="Compute dtype (default: bf16; fp32 with --engine executorch).")
+@click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "executorch"]),
+              help="torch: PyTorch autograd (laptop); executorch: an exported ExecuTorch training program (device).")
+@click.option("--program", default=None, type=click.Path(path_type=Path),
+              help="--engine executorch: a program from `odlora export --trainable` (default: exported once, cached).")
 @click.option("--steps", default=None, type=int, help="Optimiser steps (overrides --epochs).")
 @click.option("--epochs", default=3.0, show_default=True, type=float)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
@@ -271,9 +276,9 @@ def generate(base, prompt, adapters, no_chat, sampling):
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint of an interrupted run with the same --out.")
 @click.option("--dry-run", is_flag=True, help="Print the modules LoRA would adapt and the data statistics, then stop.")
 @json_option
-def personalize(base, data, out, rank, alpha, dropout, rslora, targets, layers, base_quant, dtype, steps, epochs, lr,
-                batch_size, grad_accum, seq_len, val_split, val_data, train_on_prompt, seed, eval_every, save_every,
-                early_stopping, activation_checkpointing, threads, resume, dry_run, as_json):
+def personalize(base, data, out, rank, alpha, dropout, rslora, targets, layers, base_quant, dtype, engine, program,
+                steps, epochs, lr, batch_size, grad_accum, seq_len, val_split, val_data, train_on_prompt, seed, eval_every,
+                save_every, early_stopping, activation_checkpointing, threads, resume, dry_run, as_json):
     """Train a LoRA adapter on local data against a frozen, quantised base."""
     from .lora import LoraConfig, parse_targets
     from .personalize import PersonalizeConfig, dry_run as personalize_dry_run, personalize as run
@@ -284,7 +289,9 @@ def personalize(base, data, out, rank, alpha, dropout, rslora, targets, layers, 
                            eval_every=eval_every, save_every=save_every, early_stopping=early_stopping,
                            activation_checkpointing=activation_checkpointing)
     cfg = PersonalizeConfig(base=base, training=training, seq_len=seq_len, val_split=val_split, val_data=val_data,
-                            base_quant=base_quant, dtype=dtype, train_on_prompt=train_on_prompt, threads=threads,
+                            base_quant=base_quant or ("none" if engine == "executorch" else "int8"),
+                            dtype=dtype or ("fp32" if engine == "executorch" else "bf16"), engine=engine, program=program,
+                            train_on_prompt=train_on_prompt, threads=threads,
                             layers=layers, lora=LoraConfig(rank=rank, alpha=alpha, dropout=dropout, use_rslora=rslora,
                                                            targets=parse_targets(targets)))
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
@@ -369,18 +376,35 @@ def merge(base, adapters, out, force):
 @click.option("--targets", default="all-linear", show_default=True, help="Which linears get adapter slots.")
 @click.option("--max-seq-len", default=512, show_default=True, type=int, help="KV-cache length.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--trainable", is_flag=True, help="executorch: export a LoRA training program instead "
+              "(for `personalize --engine executorch --program`), shaped by --rank/--alpha/--targets/--batch-size/--seq-len.")
+@click.option("--rank", default=8, show_default=True, type=int, help="--trainable: LoRA rank.")
+@click.option("--alpha", default=16.0, show_default=True, type=float, help="--trainable: LoRA alpha.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="--trainable: rows per step.")
+@click.option("--seq-len", default=128, show_default=True, type=int, help="--trainable: tokens per row.")
 @json_option
-def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, as_json):
+def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, trainable, rank, alpha, batch_size,
+               seq_len, as_json):
     """Export the base once for a device runtime, with adapter slots and a KV cache."""
-    from .exporters.export import export
-    from .lora import parse_targets
+    from .exporters.export import export, export_trainable
+    from .lora import LoraConfig, parse_targets
 
-    manifest = export(base, target, out, quant, max_rank, parse_targets(targets), max_seq_len, force,
-                      say=lambda msg: click.echo(msg, err=True))
+    if trainable:
+        from .base import load_base
+
+        if target != "executorch" or quant not in (None, "none", "int8"):
+            raise OdloraError("--trainable exports an ExecuTorch program: use --target executorch "
+                              "[--quant none|int8] (the frozen base's weights)")
+        lora = LoraConfig(rank=rank, alpha=alpha, targets=parse_targets(targets))
+        manifest = export_trainable(load_base(base), out, lora, batch_size, seq_len, force,
+                                    say=lambda msg: click.echo(msg, err=True), base_quant=quant or "none")
+    else:
+        manifest = export(base, target, out, quant, max_rank, parse_targets(targets), max_seq_len, force,
+                          say=lambda msg: click.echo(msg, err=True))
     sizes = {name: entry["size"] for name, entry in manifest["files"].items()}
-    summary = {"export": str(out), "target": target, "quant": manifest["quant"], "max_rank": max_rank,
-               "base_fingerprint": manifest["base_fingerprint"], "bytes": sum(sizes.values()),
-               "export_seconds": manifest["export_seconds"]}
+    summary = {"export": str(out), "target": manifest["target"], "quant": manifest["quant"],
+               **({"rank": rank} if trainable else {"max_rank": max_rank}),
+               "base_fingerprint": manifest["base_fingerprint"], "bytes": sum(sizes.values()), "export_seconds": manifest["export_seconds"]}
     click.echo(json.dumps({**summary, "files": sizes}) if as_json else print_fields(summary))
 
 

@@ -3,6 +3,10 @@
     load base -> read + split + pack data -> quantise the frozen base -> inject LoRA
     -> train (AdamW on A/B) -> save the adapter atomically (PEFT format + odlora.json)
 
+`engine` picks what computes the gradients: `torch` (the laptop path: autograd on our model,
+base quantised) or `executorch` (an exported ExecuTorch training program, base fp32 or int8; see
+`device_train.py`). Everything else, data to adapter, is the same code for both.
+
 The adapter is written to a temporary directory and renamed into place, so an existing
 adapter at `out` survives any failed or interrupted run. Ctrl-C saves the adapter of the last
 finished step (marked `"interrupted": true`) and exits.
@@ -19,15 +23,16 @@ from typing import Callable, Optional
 
 import torch
 
-from .adapter import adapter_from_model, save_adapter
-from .base import load_base
+from .adapter import adapter_from_factors, save_adapter
+from .base import Base, load_base, load_tokenizer
 from .data import data_stats, pack, read_examples, split_examples
 from .errors import OdloraError
 from .lora import LoraConfig, apply_lora, match_targets, parse_layers
 from .quant import quantize_base
-from .train import TrainConfig, config_identity, train
+from .train import TorchEngine, TrainConfig, config_identity, train
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+ENGINES = ("torch", "executorch")
 
 
 @dataclass
@@ -43,6 +48,8 @@ class PersonalizeConfig:
     layers: str = "all"  # parsed once the base's layer count is known
     train_on_prompt: bool = False
     threads: Optional[int] = None
+    engine: str = "torch"  # or "executorch"
+    program: Optional[Path] = None  # executorch: an exported training program (default: cached per base/shape)
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -77,22 +84,29 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
     out = Path(out)
     if cfg.dtype not in DTYPES:
         raise OdloraError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.engine not in ENGINES:
+        raise OdloraError(f"--engine {cfg.engine!r} is not one of {', '.join(ENGINES)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.training.seed)
-    base = load_base(cfg.base)
-    lora = replace(cfg.lora, layers=parse_layers(cfg.layers, base.model.args.n_layers))
-    match_targets(base.model, lora.targets, lora.layers)  # fail on bad targets before reading data
+    base = program_base(cfg.program) if cfg.engine == "executorch" and cfg.program else load_base(cfg.base)
+    n_layers = base.model.args.n_layers if base.model is not None else base.config["num_hidden_layers"]
+    lora = replace(cfg.lora, layers=parse_layers(cfg.layers, n_layers))
+    if base.model is not None:
+        match_targets(base.model, lora.targets, lora.layers)  # fail on bad targets before reading data
+    if cfg.engine == "executorch":
+        check_executorch_flags(cfg, lora)
     train_data, val_data, stats = prepare_data(cfg, data, base.tokenizer)
     say(f"data: {stats['examples']} train / {stats['val_examples']} val examples, "
         f"{stats['loss_tokens']} loss tokens, {stats['packed_rows']} packed rows of {cfg.seq_len}")
-    model = quantize_base(base.model, cfg.base_quant, DTYPES[cfg.dtype])
-    names = apply_lora(model, lora)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"LoRA r={lora.rank} on {len(names)} linears ({n_train:,} trainable parameters), "
-        f"base {cfg.base_quant} / {cfg.dtype}")
+    engine, setup = (executorch_engine if cfg.engine == "executorch" else torch_engine)(cfg, base, lora, say)
+    n_train = sum(p.numel() for p in engine.params.values())
+    say(f"LoRA r={lora.rank} on {len(engine.factors())} linears ({n_train:,} trainable parameters), "
+        f"base {setup['base_quant']} / {setup['dtype']}, engine {cfg.engine}")
 
     identity = config_identity(base.fingerprint, lora.to_dict(), cfg.training, stats)
+    if cfg.engine != "torch":  # (torch checkpoints keep their identity from before engines existed)
+        identity["engine"] = cfg.engine
     log_records = []
 
     def log(record: dict) -> None:
@@ -100,15 +114,15 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
         if on_record:
             on_record(record)
 
-    meta = {"base": base.spec, "base_fingerprint": base.fingerprint, "base_quant": cfg.base_quant,
-            "dtype": cfg.dtype, "seq_len": cfg.seq_len, "data": stats, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {"base": base.spec, "base_fingerprint": base.fingerprint, **setup,
+            "seq_len": cfg.seq_len, "data": stats, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
-        history = train(model, train_data, val_data, cfg.training, identity, checkpoint_dir(out), resume,
+        history = train(engine, train_data, val_data, cfg.training, identity, checkpoint_dir(out), resume,
                         progress=progress, log=log)
     except KeyboardInterrupt:
         meta["interrupted"] = True
         meta["metrics"] = {"val": [r for r in log_records if r["event"] == "eval"]}
-        save_adapter(adapter_from_model(model, lora, meta), out, base.spec)
+        save_adapter(adapter_from_factors(engine.factors(), lora, meta), out, base.spec)
         say(f"interrupted: saved the adapter of the last finished step to {out}")
         raise
     val = history["val"]
@@ -119,10 +133,57 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
         "tokens_per_s": history["tokens_per_s"], "seconds": history["seconds"], "val_history": val,
     }
     meta["training"] = identity["training"]
-    save_adapter(adapter_from_model(model, lora, meta), out, base.spec)
+    save_adapter(adapter_from_factors(engine.factors(), lora, meta), out, base.spec)
     _write_log(out, log_records)
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the adapter supersedes it
     return meta["metrics"]
+
+
+def torch_engine(cfg: PersonalizeConfig, base: Base, lora: LoraConfig, say) -> tuple[TorchEngine, dict]:
+    """The laptop path: the base quantised and LoRA-wrapped in PyTorch."""
+    model = quantize_base(base.model, cfg.base_quant, DTYPES[cfg.dtype])
+    apply_lora(model, lora)
+    return TorchEngine(model, cfg.training.activation_checkpointing), {"base_quant": cfg.base_quant, "dtype": cfg.dtype}
+
+
+def check_executorch_flags(cfg: PersonalizeConfig, lora: LoraConfig) -> None:
+    """What --engine executorch cannot do, refused before any data is read or program exported."""
+    from .device_train import check_program, read_program
+
+    if cfg.training.activation_checkpointing:
+        raise OdloraError("--activation-checkpointing is not supported by --engine executorch")
+    if lora.dropout:
+        raise OdloraError("--dropout is not supported by --engine executorch (the program has no random ops)")
+    if cfg.base_quant not in ("none", "int8") or cfg.dtype != "fp32":
+        raise OdloraError("--engine executorch computes in fp32 on a base held as none (fp32) or int8: "
+                          "use --base-quant none|int8 --dtype fp32 (the defaults for this engine: none, fp32)")
+    if cfg.program is not None:
+        check_program(read_program(Path(cfg.program)), lora, cfg.training.batch_size, cfg.seq_len, cfg.base_quant,
+                      Path(cfg.program))
+
+
+def executorch_engine(cfg: PersonalizeConfig, base: Base, lora: LoraConfig, say):
+    """An ExecuTorch training program (`--program`, or exported once per base and shape) and its engine."""
+    from .device_train import ExecutorchEngine, cached_program, read_program
+
+    if cfg.program is not None:
+        program = Path(cfg.program)
+    else:
+        program = cached_program(base, lora, cfg.training.batch_size, cfg.seq_len, cfg.base_quant, say)
+    manifest = read_program(program)
+    if manifest["base_fingerprint"] != base.fingerprint:
+        raise OdloraError(f"--program {program} was exported for another base")
+    engine = ExecutorchEngine(program, manifest, seed=cfg.training.seed, threads=cfg.threads)
+    return engine, {"base_quant": cfg.base_quant, "dtype": "fp32", "engine": "executorch", "program": str(program)}
+
+
+def program_base(program: Path) -> Base:
+    """What personalize needs of the base, read from a training program alone (no base weights)."""
+    from .device_train import read_program
+
+    manifest = read_program(Path(program))
+    return Base(spec=manifest["base"], path=Path(program), config=manifest["config"], model=None,
+                tokenizer=load_tokenizer(Path(program) / "tokenizer"), fingerprint=manifest["base_fingerprint"])
 
 
 def dry_run(cfg: PersonalizeConfig, data: Path) -> dict:

@@ -72,8 +72,9 @@ class Int8Linear(QuantLinear):
         return torch._weight_int8pack_mm(x, self.qweight, self.scales)
 
     def dequantize(self) -> torch.Tensor:
-        # Arithmetic in fp32 (vectorised on CPU), one rounding to bf16 at the end.
-        return (self.qweight.float() * self.scales.float()[:, None]).to(torch.bfloat16)
+        # Straight to bf16: |q| <= 127 is exact in bf16, and a bf16 multiply is computed in fp32
+        # and rounded once, so this is bit-identical to dequantising in fp32 with one pass less.
+        return self.qweight.to(torch.bfloat16) * self.scales[:, None]
 
 
 class Int4Linear(QuantLinear):

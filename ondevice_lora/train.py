@@ -1,6 +1,16 @@
 """The LoRA training loop: AdamW on A/B only, warmup + cosine, clipping, accumulation,
 periodic validation and atomic checkpoints that `--resume` continues bit for bit.
 
+The loop drives an *engine*, which computes losses and gradients; the loop owns the rest
+(batch order, optimiser, schedule, evaluation cadence, checkpoints, logging):
+
+    engine.params                        name -> trainable tensor, updated in place by AdamW
+    engine.loss_and_grads(batch, scale)  loss of one micro-batch; adds scale * d loss / d param to .grad
+    engine.evaluate(packed)              {"loss", "perplexity", "tokens"} on held-out rows
+
+`TorchEngine` is the laptop path (autograd on our PyTorch model); `device_train.ExecutorchEngine`
+runs an exported ExecuTorch training program.
+
 Checkpoints hold only tensors (safetensors) and JSON; nothing is pickled.
 """
 
@@ -18,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
+from .adapter import model_factors
 from .data import batches
 from .errors import OdloraError
 from .evaluate import evaluate_loss, token_loss
@@ -83,6 +94,28 @@ def micro_batches(packed, cfg: TrainConfig):
         epoch += 1
 
 
+class TorchEngine:
+    """Autograd on a PyTorch model whose LoRA factors are its only parameters that require grad."""
+
+    def __init__(self, model, activation_checkpointing: bool = False):
+        self.model = model
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if activation_checkpointing:
+            enable_activation_checkpointing(model)
+
+    def loss_and_grads(self, batch: dict, scale: float) -> float:
+        self.model.train()
+        loss, _ = token_loss(self.model, batch["input_ids"], batch["targets"], batch["segment_ids"])
+        (loss * scale).backward()
+        return loss.item()
+
+    def evaluate(self, packed) -> dict:
+        return evaluate_loss(self.model, packed)
+
+    def factors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return model_factors(self.model)
+
+
 # -- checkpoints --------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, params: dict, optimizer, state: dict) -> None:
@@ -120,16 +153,14 @@ def load_checkpoint(path: Path, params: dict, optimizer, expect: dict) -> dict:
 
 # -- the loop -----------------------------------------------------------------------------
 
-def train(model, train_data, val_data, cfg: TrainConfig, identity: dict, checkpoint_dir: Path,
+def train(engine, train_data, val_data, cfg: TrainConfig, identity: dict, checkpoint_dir: Path,
           resume: bool = False, progress=None, log: Callable[[dict], None] = lambda record: None) -> dict:
-    """Train the model's trainable (LoRA) parameters. Returns the metrics; raises
-    KeyboardInterrupt after Ctrl-C with the model holding the weights of the last step."""
+    """Train the engine's trainable (LoRA) parameters. Returns the metrics; raises
+    KeyboardInterrupt after Ctrl-C with the engine holding the weights of the last step."""
     cfg.validate()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = engine.params
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.total_steps(train_data.input_ids.shape[0])
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
 
     step, history = 0, {"val": []}
     if resume:
@@ -140,22 +171,20 @@ def train(model, train_data, val_data, cfg: TrainConfig, identity: dict, checkpo
     # last_epoch = step - 1 puts the schedule exactly where the checkpointed run left it.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup), last_epoch=step - 1)
     if not resume:
-        history["val"].append({"step": 0, **evaluate_loss(model, val_data)})
+        history["val"].append({"step": 0, **engine.evaluate(val_data)})
         log({"event": "eval", **history["val"][-1]})
 
     stream = micro_batches(train_data, cfg)
     for _ in range(step * cfg.grad_accum):  # replay the batch order up to the resumed step
         next(stream)
-    model.train()
     started, tokens_seen, best, stale = time.perf_counter(), 0, min(v["loss"] for v in history["val"]), 0
     loss_sum, rate = float("nan"), 0.0
     while step < total:
         loss_sum, n_tokens = 0.0, 0
         for _ in range(cfg.grad_accum):
             epoch, batch = next(stream)
-            loss, n = token_loss(model, batch["input_ids"], batch["targets"], batch["segment_ids"])
-            (loss / cfg.grad_accum).backward()
-            loss_sum, n_tokens = loss_sum + loss.item() / cfg.grad_accum, n_tokens + batch["input_ids"].numel()
+            loss = engine.loss_and_grads(batch, 1.0 / cfg.grad_accum)
+            loss_sum, n_tokens = loss_sum + loss / cfg.grad_accum, n_tokens + batch["input_ids"].numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -168,7 +197,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, identity: dict, checkpo
         if progress:
             progress(record, total)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-            history["val"].append({"step": step, **evaluate_loss(model, val_data)})
+            history["val"].append({"step": step, **engine.evaluate(val_data)})
             log({"event": "eval", **history["val"][-1]})
             best, stale = (history["val"][-1]["loss"], 0) if history["val"][-1]["loss"] < best else (best, stale + 1)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:

@@ -270,13 +270,13 @@ class Model(nn.Module):
         if segment_ids is None:
             return torch.arange(T, device=tokens.device)[None, :], None
         # Packed sequences: positions restart and attention stays inside each segment.
-        idx = torch.arange(T, device=tokens.device).expand_as(segment_ids)
-        starts = torch.ones_like(segment_ids, dtype=torch.bool)
-        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        segment_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
         causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        return idx - segment_start, (causal & same)[:, None]  # mask (B, 1, T, T)
+        mask = causal & same  # (B, T, T)
+        # Segments are contiguous, so a token's position in its segment is the number of earlier
+        # tokens it may attend to (a row count of the mask; no cummax, which is outside core ATen
+        # and so outside ExecuTorch's training export).
+        return mask.sum(-1) - 1, mask[:, None]  # positions (B, T), mask (B, 1, T, T)
 
     def hidden_states(self, tokens, input_pos=None, segment_ids=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim), before the LM head."""
