@@ -135,9 +135,10 @@ class LoRALinear(nn.Module):
         # Mixed precision as autocast does it: the small factors are cast to the activations'
         # dtype (bf16 while training fast), never the large activations to the factors' fp32;
         # A and B themselves, their gradients and the optimiser state stay fp32.
-        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        update = F.linear(F.linear(self.lora_dropout(x), a), b)
-        return self.base_layer(x) + update * self.scaling
+        # The scale goes on B (out x r), not on the update (tokens x out): one large multiply less
+        # per layer each way, and for the usual alpha = 2r (a power of two) exactly the same numbers.
+        a, b = self.lora_A.weight.to(x.dtype), (self.lora_B.weight * self.scaling).to(x.dtype)
+        return self.base_layer(x) + F.linear(F.linear(self.lora_dropout(x), a), b)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · B A in fp32 (out, in)."""
