@@ -314,7 +314,6 @@ def tiny_bundle(tiny_model_factory, tmp_path_factory):
     from ondevice_lora.runtime.bundle import write_bundle
     from test_runtime import make_adapter
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bundle")
     base_dir = tiny_model_factory("llama")
     export(str(base_dir), "executorch", root / "export", max_rank=8, max_seq_len=64, say=lambda *_: None)

@@ -16,7 +16,10 @@ from ondevice_lora.prompts import stop_token_ids
 from ondevice_lora.samples import SAMPLE_TASKS, general_text_path, load_examples, sample_path
 from ondevice_lora.train import TrainConfig
 
-STEPS = 40  # batch 8 x 128 tokens; about a minute per task on 2 cores
+STEPS = 30  # batch 8 x 128 tokens; about a minute per task on 2 cores (the loss is ~0.01 by step 10)
+# bf16 matmuls round differently with another thread count, and earlier tests may leave torch on
+# one thread: fix it, so that the figures below do not depend on which tests ran before.
+THREADS = 2
 TEST_EXAMPLES = 40
 
 
@@ -33,7 +36,7 @@ def measure(adapter_dir, task):
 @pytest.mark.slow
 @pytest.mark.parametrize("task", SAMPLE_TASKS)
 def test_adapter_learns_the_task_without_forgetting(default_base, tmp_path, task):
-    cfg = PersonalizeConfig(training=TrainConfig(steps=STEPS, eval_every=0, save_every=0))
+    cfg = PersonalizeConfig(threads=THREADS, training=TrainConfig(steps=STEPS, eval_every=0, save_every=0))
     metrics = personalize(cfg, sample_path(task), tmp_path / task, say=print)
     assert metrics["val_loss"] <= 0.7 * metrics["val_loss_before"]
 
