@@ -142,7 +142,8 @@ def open_bundle(path: Path, base: Optional[Bundle] = None) -> Bundle:
     verify_files(path, manifest["files"])
     for adapter in manifest["adapters"]:
         check_adapter_id(str(adapter.get("id")))
-        if safe_relative(path, adapter.get("file")) and adapter["file"] not in manifest["files"]:
+        safe_relative(path, adapter.get("file"))
+        if adapter["file"] not in manifest["files"]:
             raise OdloraError(f"{manifest_path}: adapter {adapter['id']!r} file {adapter['file']} is not listed in files")
     bundle = Bundle(path, manifest)
     if manifest["kind"] == "base":

@@ -68,14 +68,15 @@ class Runtime:
 
     @classmethod
     def open(cls, export_dir, backend: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-             threads: Optional[int] = None) -> "Runtime":
+             threads: Optional[int] = None, verify: bool = True) -> "Runtime":
         """Verify the export's checksums, load its tokenizer and its base once.
 
         backend: None (the export's target), "onnx", "executorch", or "torch" (the PyTorch
         reference, which loads the export's base by its spec and checks its fingerprint).
+        verify=False skips the checksums when the caller has just checked them (a bundle).
         """
         export_dir = Path(export_dir)
-        manifest = read_manifest(export_dir, verify=True)
+        manifest = read_manifest(export_dir, verify=verify)
         tokenizer_dir = export_dir / "tokenizer"
         if not tokenizer_dir.is_dir():
             raise OdloraError(f"{export_dir}: no tokenizer/ directory in the export")
@@ -91,7 +92,7 @@ class Runtime:
 
         bundle = open_bundle(bundle_dir)
         extras = [open_bundle(path, base=bundle) for path in adapter_bundles]
-        rt = cls.open(bundle.base_dir, **kwargs)
+        rt = cls.open(bundle.base_dir, verify=False, **kwargs)  # open_bundle hashed every file already
         for b in (bundle, *extras):
             for adapter_id, blob in b.adapter_files().items():
                 rt.register_adapter(adapter_id, blob)
