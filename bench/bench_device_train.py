@@ -66,6 +66,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each configuration, taking turns")
     parser.add_argument("--configs", nargs="+", default=["odlora:int8:bf16", "odlora:none:fp32"])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

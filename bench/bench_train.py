@@ -1,6 +1,6 @@
 """Training throughput and peak memory: odlora personalize vs transformers + PEFT, same work.
 
-    python bench/bench_train.py                      # default: 8 timed steps per engine
+    python bench/bench_train.py                      # 8 timed steps per run, 3 rounds
     python bench/bench_train.py --steps 4 --configs odlora:int8:bf16 peft
 
 Same base (the default base), same data (the shipped `dates` task, packed to --seq-len rows),
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import resource
 import subprocess
 import sys
@@ -96,21 +97,41 @@ def child(args):
     print(json.dumps(result))
 
 
+def describe(config: str, r: dict) -> str:
+    return (f"{config:<20} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds_per_step']:6.2f} s/step  "
+            f"peak RSS {r['peak_rss_mb']:7.0f} MB")
+
+
+def run_child(script: str, args, config: str, extra: tuple = ()) -> dict | None:
+    """Run `script --child CONFIG` in its own process and return its JSON result (None on failure)."""
+    cmd = [sys.executable, script, "--child", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads),
+           *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"{config}: failed\n{out.stderr[-2000:]}")
+        return None
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(describe(config, r), flush=True)
+    return r
+
+
 def run_children(script: str, args, extra: tuple = ()) -> dict:
-    """Run each of args.configs as `script --child CONFIG` in its own process; print and return the results."""
-    results = {}
-    for config in args.configs:
-        cmd = [sys.executable, script, "--child", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads),
-               *extra]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{config}: failed\n{out.stderr[-2000:]}")
-            continue
-        results[config] = r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{config:<20} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds_per_step']:6.2f} s/step  "
-              f"peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
-    return results
+    """Run each of args.configs `args.rounds` times, each run in its own process, and return
+    {config: median of each figure}.
+
+    A shared machine drifts by 10-20% over minutes, so the configurations take turns within each
+    round (the order reversed every other round) and the figures are medians over rounds.
+    """
+    runs = {config: [] for config in args.configs}
+    for round_no in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {round_no + 1}/{args.rounds}")
+        order = args.configs if round_no % 2 == 0 else args.configs[::-1]
+        for config in order:
+            if (r := run_child(script, args, config, extra)) is not None:
+                runs[config].append(r)
+    return {config: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for config, rs in runs.items() if rs}
 
 
 def main():
@@ -120,6 +141,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each configuration, taking turns")
     parser.add_argument("--configs", nargs="+",
                         default=["peft", "odlora:int8:bf16", "odlora:none:bf16", "odlora:int4:bf16", "odlora:none:fp32"])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -128,6 +150,9 @@ def main():
         return child(args)
     print("command:", " ".join([sys.executable, *sys.argv]))
     results = run_children(__file__, args)
+    print(f"medians over {args.rounds} rounds:")
+    for config, r in results.items():
+        print(describe(config, r))
     if "peft" in results:
         ref = results["peft"]
         for config, r in results.items():

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import training_ops
+from .training_ops import rotate_half
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -98,6 +101,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if training_ops.active():
+            return training_ops.RMSNormFunction.apply(x, self.weight, self.eps)
         # Normalise in fp32 as the reference does; matters once activations are bf16.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -125,13 +130,10 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, nh, T, hd); cos/sin: (B or 1, 1, T, hd). HF's "rotate half" layout, not interleaved.
+    if training_ops.active():
+        return training_ops.RopeFunction.apply(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 
 
@@ -176,6 +178,9 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, max_seq, hd)
             k, v = k[:B], v[:B]
+        if training_ops.active():  # SDPA repeats the KV heads itself, without keeping copies
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         # Grouped-query attention: each KV head serves n_heads / n_kv_heads query heads.
         repeat = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(repeat, dim=1)
@@ -195,7 +200,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if training_ops.active():
+            return self.down_proj(training_ops.SwiGLUFunction.apply(gate, up))
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):

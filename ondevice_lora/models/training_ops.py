@@ -1,0 +1,87 @@
+"""RMSNorm, RoPE and SwiGLU as autograd functions that keep less for the backward pass.
+
+PyTorch's autograd saves the inputs of every small op: RMSNorm's fp32 upcast and its square,
+RoPE's rotated copies, SiLU's input and output. In a frozen-base LoRA run those saved
+activations are most of the memory, and each extra pass over them costs time on a 2-core CPU.
+Each function here saves only what its closed-form gradient needs (RMSNorm: the input and one
+scale per token; RoPE: nothing but the tables; SwiGLU: its two inputs) and recomputes the rest,
+as Unsloth's and Liger's kernels do. Forward results are bit-identical to the plain ops.
+
+They are used only while autograd records a graph in eager mode (`active()`): inference and
+every export trace the plain ops in `llama.py`, which all runtimes take.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def active() -> bool:
+    """Eager training: autograd is recording, and no compiler or exporter is tracing."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / RMS(x) over the last dimension, in fp32 as the reference computes it."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * (x / RMS(x)), normalised in fp32 and cast back to x's dtype before the weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        scale = rms_scale(x, eps)
+        ctx.save_for_backward(x, weight, scale)
+        return weight * (x.float() * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, scale = ctx.saved_tensors
+        normed = x.float() * scale
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.float() * normed.to(x.dtype).float()).sum(tuple(range(grad.dim() - 1)))
+            grad_weight = grad_weight.to(weight.dtype)
+        # d/dx of x * r(x): r * (g - n * mean(g * n)), with g the gradient reaching the normed values.
+        g = (grad * weight).float()
+        grad_x = scale * (g - normed * (g * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+class RopeFunction(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin. A rotation: its gradient is the inverse rotation."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return x * cos + rotate_half(x) * sin
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        # rotate_half is R = [[0, -I], [I, 0]], whose transpose is -R.
+        return grad * cos - rotate_half(grad * sin), None, None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up, with SiLU recomputed in the backward pass instead of kept."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        # The same kernels, in the same dtype, as autograd's own backward of silu(gate) * up.
+        grad_up = grad * F.silu(gate)
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad_up
