@@ -72,10 +72,11 @@ def lora_model(tiny_llama_dir):
     return model.train()
 
 
-def test_a_training_step_keeps_less_and_gives_the_same_loss_and_lora_gradients(tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_training_step_keeps_less_and_gives_the_same_loss_and_lora_gradients(tiny_llama_dir, monkeypatch, packed):
     model = lora_model(tiny_llama_dir)
     tokens = torch.randint(0, 64, (2, 24))
-    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24]) if packed else None
 
     def step():
         model.zero_grad(set_to_none=True)

@@ -178,8 +178,8 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, max_seq, hd)
             k, v = k[:B], v[:B]
-        if training_ops.active():  # SDPA repeats the KV heads itself, without keeping copies
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if training_ops.active():
+            y = training_ops.grouped_attention(q, k, v, mask)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         # Grouped-query attention: each KV head serves n_heads / n_kv_heads query heads.
         repeat = self.n_heads // self.n_kv_heads
