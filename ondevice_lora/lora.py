@@ -138,7 +138,11 @@ class LoRALinear(nn.Module):
         # The scale goes on B (out x r), not on the update (tokens x out): one large multiply less
         # per layer each way, and for the usual alpha = 2r (a power of two) exactly the same numbers.
         a, b = self.lora_A.weight.to(x.dtype), (self.lora_B.weight * self.scaling).to(x.dtype)
-        return self.base_layer(x) + F.linear(F.linear(self.lora_dropout(x), a), b)
+        y = self.base_layer(x)
+        xa = F.linear(self.lora_dropout(x), a)
+        # y + xa Bᵀ as one addmm: the GEMM adds into y while it accumulates, instead of writing
+        # a (tokens x out) update and reading it back for the add.
+        return torch.addmm(y.reshape(-1, self.out_features), xa.reshape(-1, self.rank), b.t()).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · B A in fp32 (out, in)."""
