@@ -2,9 +2,12 @@
 
     python bench/bench_train.py                      # 8 timed steps per run, 3 rounds
     python bench/bench_train.py --steps 4 --configs odlora:int8:bf16 peft
+    python bench/bench_train.py --configs odlora:int8:bf16 odlora:int8:bf16:compile peft
 
 Same base (the default base), same data (the shipped `dates` task, packed to --seq-len rows),
-rank 8 LoRA on all seven linears, batch --batch-size, AdamW. Each configuration runs in its
+rank 8 LoRA on all seven linears, batch --batch-size, AdamW. A config is `peft` or
+`odlora:BASE_QUANT:DTYPE[:compile]` (`:compile`: `personalize --compile`; its compile falls in
+the untimed warm-up steps). Each configuration runs in its
 own process so that its peak RSS (load included) is its own. Tokens/s counts every position of
 every batch row (padding included) over the timed steps, after --warmup untimed steps.
 PEFT runs the usual recipe: fp32 `LlamaForCausalLM`, `get_peft_model`, labels with -100.
@@ -31,18 +34,21 @@ def packed_rows(tokenizer, seq_len):
     return pack(examples, seq_len, tokenizer.eos_token_id)
 
 
-def run_odlora(args, base_quant, dtype):
+def run_odlora(args, base_quant, dtype, *options):
     from ondevice_lora.base import load_base
     from ondevice_lora.evaluate import token_loss
     from ondevice_lora.lora import LoraConfig, apply_lora
     from ondevice_lora.personalize import DTYPES
     from ondevice_lora.quant import quantize_base
+    from ondevice_lora.train import enable_compile
 
     base = load_base()
     data = packed_rows(base.tokenizer, args.seq_len)
     model = quantize_base(base.model, base_quant, DTYPES[dtype])
     apply_lora(model, LoraConfig(rank=8, alpha=16))
     model.train()
+    if "compile" in options:
+        enable_compile(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(rows):

@@ -86,6 +86,7 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
         raise OdloraError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
     if cfg.engine not in ENGINES:
         raise OdloraError(f"--engine {cfg.engine!r} is not one of {', '.join(ENGINES)}")
+    cfg.training.validate()  # before the base is loaded: a bad flag costs nothing
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.training.seed)
@@ -143,15 +144,17 @@ def torch_engine(cfg: PersonalizeConfig, base: Base, lora: LoraConfig, say) -> t
     """The laptop path: the base quantised and LoRA-wrapped in PyTorch."""
     model = quantize_base(base.model, cfg.base_quant, DTYPES[cfg.dtype])
     apply_lora(model, lora)
-    return TorchEngine(model, cfg.training.activation_checkpointing), {"base_quant": cfg.base_quant, "dtype": cfg.dtype}
+    engine = TorchEngine(model, cfg.training.activation_checkpointing, cfg.training.compile)
+    return engine, {"base_quant": cfg.base_quant, "dtype": cfg.dtype}
 
 
 def check_executorch_flags(cfg: PersonalizeConfig, lora: LoraConfig) -> None:
     """What --engine executorch cannot do, refused before any data is read or program exported."""
     from .device_train import check_program, read_program
 
-    if cfg.training.activation_checkpointing:
-        raise OdloraError("--activation-checkpointing is not supported by --engine executorch")
+    for flag in ("activation_checkpointing", "compile"):
+        if getattr(cfg.training, flag):
+            raise OdloraError(f"--{flag.replace('_', '-')} is not supported by --engine executorch")
     if lora.dropout:
         raise OdloraError("--dropout is not supported by --engine executorch (the program has no random ops)")
     if cfg.base_quant not in ("none", "int8") or cfg.dtype != "fp32":

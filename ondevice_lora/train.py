@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class TrainConfig:
     save_every: int = 100  # steps; 0: no periodic checkpoint
     early_stopping: int = 0  # evaluations without improvement before stopping; 0: never
     activation_checkpointing: bool = False
+    compile: bool = False  # TorchInductor for the decoder layers' training steps
 
     def validate(self):
         for name in ("batch_size", "grad_accum"):
@@ -58,6 +60,8 @@ class TrainConfig:
             raise OdloraError(f"--steps must be >= 1, got {self.steps}")
         if self.epochs <= 0 or self.lr <= 0:
             raise OdloraError("--epochs and --lr must be positive")
+        if self.compile and self.activation_checkpointing:
+            raise OdloraError("--compile and --activation-checkpointing cannot be used together")
 
     def total_steps(self, n_rows: int) -> int:
         if self.steps is not None:
@@ -85,6 +89,29 @@ def enable_activation_checkpointing(model) -> None:
         layer.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
 
 
+def find_cxx_compiler() -> Optional[str]:
+    """The C++ compiler TorchInductor would use ($CXX, g++, clang++ or c++), or None."""
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+def enable_compile(model) -> None:
+    """Compile each decoder layer with TorchInductor for the training steps.
+
+    Inductor fuses the elementwise work around the matmuls (norms, RoPE, SwiGLU, residual adds)
+    that eager mode runs as separate passes. Only calls that record gradients take the compiled
+    layers: evaluation and generation keep the eager ones, so their other shapes never trigger a
+    recompile. The first training step pays for the compile.
+    """
+    if find_cxx_compiler() is None:
+        raise OdloraError("--compile needs a C++ compiler for TorchInductor: g++ or clang++ on PATH, or $CXX")
+    for layer in model.model.layers:
+        eager, compiled = layer.forward, torch.compile(layer.forward)
+        layer.forward = lambda *args, _e=eager, _c=compiled: _c(*args) if torch.is_grad_enabled() else _e(*args)
+
+
 def micro_batches(packed, cfg: TrainConfig):
     """Endless (epoch, batch) stream; batch order depends only on (seed, epoch)."""
     epoch = 0
@@ -97,11 +124,13 @@ def micro_batches(packed, cfg: TrainConfig):
 class TorchEngine:
     """Autograd on a PyTorch model whose LoRA factors are its only parameters that require grad."""
 
-    def __init__(self, model, activation_checkpointing: bool = False):
+    def __init__(self, model, activation_checkpointing: bool = False, compile: bool = False):
         self.model = model
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if activation_checkpointing:
             enable_activation_checkpointing(model)
+        if compile:
+            enable_compile(model)
 
     def loss_and_grads(self, batch: dict, scale: float) -> float:
         self.model.train()
@@ -212,5 +241,5 @@ def train(engine, train_data, val_data, cfg: TrainConfig, identity: dict, checkp
 
 def config_identity(base_fingerprint: str, lora: dict, train_cfg: TrainConfig, data_stats: dict) -> dict:
     """What must not change between a checkpoint and `--resume`."""
-    train_dict = {k: v for k, v in asdict(train_cfg).items() if k not in ("eval_every", "save_every", "early_stopping")}
+    train_dict = {k: v for k, v in asdict(train_cfg).items() if k not in ("eval_every", "save_every", "early_stopping", "compile")}
     return {"base": base_fingerprint, "lora": json.loads(json.dumps(lora)), "training": train_dict, "data": data_stats}

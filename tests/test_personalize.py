@@ -12,7 +12,7 @@ from ondevice_lora.errors import OdloraError
 from ondevice_lora.lora import LoraConfig
 from ondevice_lora.personalize import PersonalizeConfig, checkpoint_dir, personalize
 from ondevice_lora.samples import load_examples
-from ondevice_lora.train import TrainConfig
+from ondevice_lora.train import TrainConfig, find_cxx_compiler
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +165,30 @@ def test_early_stopping_ends_the_run(tiny_llama_dir, dates_jsonl, tmp_path):
     metrics = personalize(config(tiny_llama_dir, steps=40, lr=5.0, eval_every=2, early_stopping=1),
                           dates_jsonl, tmp_path / "ad", say=quiet)
     assert metrics["steps"] < 40
+
+
+@pytest.mark.slow  # TorchInductor compiles for tens of seconds, even for a tiny model
+@pytest.mark.skipif(find_cxx_compiler() is None, reason="--compile needs a C++ compiler")
+def test_compile_trains_like_eager(tiny_llama_dir, dates_jsonl, tmp_path):
+    eager = personalize(config(tiny_llama_dir, steps=3), dates_jsonl, tmp_path / "eager", say=quiet)
+    compiled = personalize(config(tiny_llama_dir, steps=3, compile=True), dates_jsonl, tmp_path / "compiled", say=quiet)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile", "--activation-checkpointing"], "cannot be used together"),
+    (["--compile", "--engine", "executorch"], "--compile is not supported by --engine executorch"),
+])
+def test_compile_refuses_what_it_cannot_do(tiny_llama_dir, dates_jsonl, tmp_path, monkeypatch, capsys, flags, message):
+    code, out = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", dates_jsonl,
+                        "--out", tmp_path / "ad", "--steps", 1, *flags)
+    assert code == 2 and message in out.err
+    assert not (tmp_path / "ad").exists()
+
+
+def test_compile_without_a_cxx_compiler_says_so(tiny_llama_dir, dates_jsonl, tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(OdloraError, match="needs a C\\+\\+ compiler"):
+        personalize(config(tiny_llama_dir, steps=1, compile=True), dates_jsonl, tmp_path / "ad", say=quiet)
