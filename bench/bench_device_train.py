@@ -69,6 +69,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=1, help="runs of each configuration, taking turns")
     parser.add_argument("--configs", nargs="+", default=["odlora:int8:bf16", "odlora:none:fp32"])
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.set_defaults(profile=None)  # bench_train.time_steps reads it
     args = parser.parse_args()
     if args.child:
         return child(args)

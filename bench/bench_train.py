@@ -3,6 +3,7 @@
     python bench/bench_train.py                      # 8 timed steps per run, 3 rounds
     python bench/bench_train.py --steps 4 --configs odlora:int8:bf16 peft
     python bench/bench_train.py --configs odlora:int8:bf16 odlora:int8:bf16:compile peft
+    python bench/bench_train.py --profile odlora:int8:bf16 --steps 2   # the top ops of one config
 
 Same base (the default base), same data (the shipped `dates` task, packed to --seq-len rows),
 rank 8 LoRA on all seven linears, batch --batch-size, AdamW. A config is `peft` or
@@ -16,6 +17,7 @@ PEFT runs the usual recipe: fp32 `LlamaForCausalLM`, `get_peft_model`, labels wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import resource
@@ -87,10 +89,14 @@ def time_steps(args, step):
     batches = [slice(i * args.batch_size, (i + 1) * args.batch_size) for i in range(args.warmup + args.steps)]
     for rows in batches[: args.warmup]:
         step(rows)
-    started = time.perf_counter()
-    for rows in batches[args.warmup:]:
-        step(rows)
-    seconds = time.perf_counter() - started
+    profiler = torch.profiler.profile() if args.profile else contextlib.nullcontext()
+    with profiler:
+        started = time.perf_counter()
+        for rows in batches[args.warmup:]:
+            step(rows)
+        seconds = time.perf_counter() - started
+    if args.profile:  # on stderr: stdout's last line is the result
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     tokens = args.steps * args.batch_size * args.seq_len
     return {"tokens_per_s": tokens / seconds, "seconds_per_step": seconds / args.steps}
 
@@ -149,9 +155,14 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each configuration, taking turns")
     parser.add_argument("--configs", nargs="+",
-                        default=["peft", "odlora:int8:bf16", "odlora:none:bf16", "odlora:int4:bf16", "odlora:none:fp32"])
+                        default=["peft", "odlora:int8:bf16", "odlora:int8:bf16:compile", "odlora:none:bf16",
+                                 "odlora:int4:bf16", "odlora:none:fp32"])
+    parser.add_argument("--profile", metavar="CONFIG",
+                        help="run CONFIG once in this process under torch.profiler and print where the time goes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile:
+        args.child = args.profile
     if args.child:
         return child(args)
     print("command:", " ".join([sys.executable, *sys.argv]))
