@@ -96,6 +96,23 @@ def test_a_training_step_keeps_less_and_gives_the_same_loss_and_lora_gradients(t
     assert lean_bytes < 0.85 * plain_bytes  # 0.78 on this tiny model
 
 
+def test_cached_decoding_with_autograd_on_matches_no_grad(tiny_llama_dir):
+    """Nothing decodes with autograd recording today, but if a caller does, the answers hold."""
+    model = lora_model(tiny_llama_dir).eval()
+    prompt, next_token = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 1))
+
+    def prefill_and_decode():
+        model.setup_cache(max_batch=1, max_seq_len=16, dtype=torch.bfloat16)
+        first = model(prompt, input_pos=torch.arange(6))
+        return first, model(next_token, input_pos=torch.tensor([6]))
+
+    recorded = prefill_and_decode()
+    with torch.no_grad():
+        plain = prefill_and_decode()
+    for a, b in zip(recorded, plain):
+        assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
+
+
 def test_inference_and_export_tracing_take_the_plain_ops():
     assert training_ops.active()
     with torch.no_grad():

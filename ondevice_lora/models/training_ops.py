@@ -25,7 +25,8 @@ def active() -> bool:
 def grouped_attention(q, k, v, mask):
     """Causal attention (under `mask` when given) with grouped-query heads, for training.
 
-    q (B, n_heads, T, hd); k, v (B, n_kv_heads, T, hd); mask (B or 1, 1, T, T) bool or None.
+    q (B, n_heads, T, hd); k, v (B, n_kv_heads, S, hd); mask broadcastable to (B, 1, T, S), bool,
+    or None for plain causal attention (then S == T).
     The query heads that share a KV head are folded into one long query sequence, so SDPA sees
     n_kv_heads problems of n_rep * T queries instead of n_heads problems of T queries, and no KV
     head is copied. Same result, and faster: at these sizes PyTorch's CPU flash attention costs
@@ -33,11 +34,11 @@ def grouped_attention(q, k, v, mask):
     tokens take as long as 4 rows of 256).
     """
     B, n_heads, T, hd = q.shape
-    n_kv = k.shape[1]
+    n_kv, S = k.shape[1], k.shape[2]
     n_rep = n_heads // n_kv
     if mask is None:
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    mask = mask.reshape(-1, 1, T, T).repeat(1, 1, n_rep, 1)  # (B or 1, 1, n_rep * T, T)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    mask = mask.reshape(-1, 1, T, S).repeat(1, 1, n_rep, 1)  # (B or 1, 1, n_rep * T, S)
     y = F.scaled_dot_product_attention(q.reshape(B, n_kv, n_rep * T, hd), k, v, attn_mask=mask)
     return y.view(B, n_heads, T, hd)
 
