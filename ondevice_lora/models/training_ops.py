@@ -6,6 +6,8 @@ activations are most of the memory, and each extra pass over them costs time on 
 Each function here saves only what its closed-form gradient needs (RMSNorm: the input and one
 scale per token; RoPE: nothing but the tables; SwiGLU: its two inputs) and recomputes the rest,
 as Unsloth's and Liger's kernels do. Forward results are bit-identical to the plain ops.
+`grouped_attention` lays out grouped-query attention so that PyTorch's CPU flash kernel runs
+fewer, longer problems.
 
 They are used only while autograd records a graph in eager mode (`active()`): inference and
 every export trace the plain ops in `llama.py`, which all runtimes take.
