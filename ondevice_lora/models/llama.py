@@ -178,18 +178,20 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, max_seq, hd)
             k, v = k[:B], v[:B]
-        if training_ops.active():
-            y = training_ops.grouped_attention(q, k, v, mask)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        # Grouped-query attention: each KV head serves n_heads / n_kv_heads query heads.
-        repeat = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
-        if mask is None:  # plain causal self-attention over this chunk: the fast SDPA path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        attention = training_ops.grouped_attention if training_ops.active() else repeated_kv_attention
+        y = attention(q, k, v, mask)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def repeated_kv_attention(q, k, v, mask):
+    """Grouped-query attention as every runtime takes it: each KV head is repeated for the
+    n_heads / n_kv_heads query heads it serves. mask None: plain causal (the fast SDPA path)."""
+    repeat = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(repeat, dim=1)
+    v = v.repeat_interleave(repeat, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class MLP(nn.Module):
