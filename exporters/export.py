@@ -138,6 +138,7 @@ def pack(adapter_dir: Path, export_dir: Path, out: Path) -> dict:
         "format": "odlora-packed-adapter", "format_version": FORMAT_VERSION, "target": manifest["target"],
         "base_fingerprint": manifest["base_fingerprint"], "fingerprint_verified": adapter.fingerprint is not None,
         "adapter": str(adapter_dir), "rank": adapter.rank, "modules": len(adapter.A),
+        "prompt_format": adapter.prompt_format,
         "sha256": sha256_file(tmp), "size": tmp.stat().st_size,
         "metrics": adapter.meta.get("metrics", {}) and {k: v for k, v in adapter.meta["metrics"].items() if k != "val_history"},
     }

@@ -27,6 +27,7 @@ from . import __version__
 from .atomic import staged_dir
 from .errors import OdloraError
 from .lora import LoRALinear, LoraConfig, lora_layers, lora_scaling
+from .prompts import DEFAULT_PROMPT_FORMAT
 
 PEFT_PREFIX = "base_model.model."
 KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight")
@@ -49,6 +50,11 @@ class Adapter:
     @property
     def rank(self) -> int:
         return max(a.shape[0] for a in self.A.values())
+
+    @property
+    def prompt_format(self) -> str:
+        """How it was trained to be asked (prompts.py); "chat" for PEFT's adapters and older ones."""
+        return self.meta.get("prompt_format", DEFAULT_PROMPT_FORMAT)
 
     def delta(self, name: str) -> torch.Tensor:
         return self.scalings[name] * (self.B[name].float() @ self.A[name].float())
@@ -123,9 +129,13 @@ def blend(weighted: list[tuple[Adapter, float]]) -> Adapter:
     fingerprints = {ad.fingerprint for ad, _ in weighted if ad.fingerprint}
     if len(fingerprints) > 1:
         raise OdloraError("cannot blend adapters trained on different bases")
+    formats = {ad.prompt_format for ad, _ in weighted}
+    if len(formats) > 1:
+        raise OdloraError(f"cannot blend adapters trained with different prompt formats ({', '.join(sorted(formats))})")
     rank = max(a.shape[0] for a in A.values())
     config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(sorted({n.rsplit(".", 1)[1] for n in names})))
-    meta = {"base_fingerprint": next(iter(fingerprints), None), "blend": [w for _, w in weighted]}
+    meta = {"base_fingerprint": next(iter(fingerprints), None), "blend": [w for _, w in weighted],
+            "prompt_format": formats.pop()}
     return Adapter(A=A, B=B, scalings={n: 1.0 for n in names}, config=config if len(weighted) > 1 else first.config, meta=meta)
 
 

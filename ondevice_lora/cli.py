@@ -61,8 +61,22 @@ def sampling_options(f):
     return command
 
 
-def no_chat_option(f):
-    return click.option("--no-chat", is_flag=True, help="Feed the prompt as raw text, without the chat template.")(f)
+def chat_option(f):
+    return click.option("--chat/--no-chat", "chat", default=None,
+                        help="Wrap the prompt in the chat template, or feed it as raw text (default: the way the "
+                             "adapter was trained, `personalize --format`; the chat template for the base).")(f)
+
+
+def asks_chat(trained: str, chat: Optional[bool], adapter_name: str) -> bool:
+    """Whether to use the chat template: as the adapter was trained unless --chat/--no-chat says
+    otherwise, which then gets a one-line warning on stderr."""
+    from .prompts import format_mismatch
+
+    asked = trained if chat is None else ("chat" if chat else "raw")
+    warning = format_mismatch(adapter_name, trained, asked)
+    if warning:
+        click.echo(f"odlora: warning: {warning}", err=True)
+    return asked == "chat"
 
 
 def export_option(f):
@@ -218,18 +232,21 @@ def base_info(base_spec, as_json):
 @click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]",
               help="LoRA adapter directory, optionally with a strength; repeat to blend several.")
 @sampling_options
-@no_chat_option
-def generate(base, prompt, adapters, no_chat, sampling):
+@chat_option
+def generate(base, prompt, adapters, chat, sampling):
     """Generate a completion for PROMPT; prints only the completion, streamed."""
     from .adapter import attach_adapter
     from .base import load_base
     from .generate import generate_text
-    from .prompts import encode_prompt, stop_token_ids
+    from .prompts import DEFAULT_PROMPT_FORMAT, encode_prompt, stop_token_ids
 
     loaded = load_base(base)
+    trained = DEFAULT_PROMPT_FORMAT
     if adapters:
-        attach_adapter(loaded.model, load_weighted_adapters(adapters, loaded.fingerprint))
-    ids = encode_prompt(loaded.tokenizer, prompt, chat=not no_chat)
+        adapter = load_weighted_adapters(adapters, loaded.fingerprint)
+        attach_adapter(loaded.model, adapter)
+        trained = adapter.prompt_format
+    ids = encode_prompt(loaded.tokenizer, prompt, chat=asks_chat(trained, chat, " + ".join(adapters) or "base"))
     generate_text(loaded.model, loaded.tokenizer, ids, sampling, stop_token_ids(loaded.tokenizer, loaded.config),
                   write_stdout)
     sys.stdout.write("\n")
@@ -240,7 +257,8 @@ def generate(base, prompt, adapters, no_chat, sampling):
 @cli.command()
 @base_option
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help=".txt, .jsonl ({text} | {prompt, completion} | {messages}) or a directory of them.")
+              help=".txt, .jsonl ({text} | {prompt, completion} | {messages}), a directory of them, or a shipped "
+                   "sample by name (dates, contacts; dates:test for its test split).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write (PEFT format).")
 @click.option("--rank", default=8, show_default=True, type=int)
 @click.option("--alpha", default=16.0, show_default=True, type=float)
@@ -257,8 +275,13 @@ def generate(base, prompt, adapters, no_chat, sampling):
               help="torch: PyTorch autograd (laptop); executorch: an exported ExecuTorch training program (device).")
 @click.option("--program", default=None, type=click.Path(path_type=Path),
               help="--engine executorch: a program from `odlora export --trainable` (default: exported once, cached).")
+@click.option("--format", "prompt_format", default="chat", show_default=True, type=click.Choice(["chat", "raw"]),
+              help="How prompt/completion rows are rendered: chat (one user turn and the answer, through the "
+                   "base's chat template, as run/serve/chat ask by default) or raw (prompt + completion "
+                   "concatenated). Recorded in the adapter; the runtimes ask it the same way.")
 @click.option("--steps", default=None, type=int, help="Optimiser steps (overrides --epochs).")
-@click.option("--epochs", default=3.0, show_default=True, type=float)
+@click.option("--epochs", default=None, type=float,
+              help="Passes over the data (default: 3, but at least 40 steps and at most 20 passes).")
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--grad-accum", default=1, show_default=True, type=int)
@@ -280,11 +303,11 @@ def generate(base, prompt, adapters, no_chat, sampling):
 @click.option("--dry-run", is_flag=True, help="Print the modules LoRA would adapt and the data statistics, then stop.")
 @json_option
 def personalize(base, data, out, rank, alpha, dropout, rslora, targets, layers, base_quant, dtype, engine, program,
-                steps, epochs, lr, batch_size, grad_accum, seq_len, val_split, val_data, train_on_prompt, seed, eval_every,
+                prompt_format, steps, epochs, lr, batch_size, grad_accum, seq_len, val_split, val_data, train_on_prompt, seed, eval_every,
                 save_every, early_stopping, activation_checkpointing, compile_layers, threads, resume, dry_run, as_json):
     """Train a LoRA adapter on local data against a frozen, quantised base."""
     from .lora import LoraConfig, parse_targets
-    from .personalize import PersonalizeConfig, dry_run as personalize_dry_run, personalize as run
+    from .personalize import PersonalizeConfig, dry_run as personalize_dry_run, format_dry_run, personalize as run
     from .progress import TrainingProgress
     from .train import TrainConfig
 
@@ -294,13 +317,13 @@ def personalize(base, data, out, rank, alpha, dropout, rslora, targets, layers, 
     cfg = PersonalizeConfig(base=base, training=training, seq_len=seq_len, val_split=val_split, val_data=val_data,
                             base_quant=base_quant or ("none" if engine == "executorch" else "int8"),
                             dtype=dtype or ("fp32" if engine == "executorch" else "bf16"), engine=engine, program=program,
-                            train_on_prompt=train_on_prompt, threads=threads,
+                            train_on_prompt=train_on_prompt, prompt_format=prompt_format, threads=threads,
                             layers=layers, lora=LoraConfig(rank=rank, alpha=alpha, dropout=dropout, use_rslora=rslora,
                                                            targets=parse_targets(targets)))
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     if dry_run:
         info = personalize_dry_run(cfg, data)
-        click.echo(json.dumps(info) if as_json else "\n".join(info["modules"]))
+        click.echo(json.dumps(info) if as_json else format_dry_run(info))
         return
     with TrainingProgress() as progress:
         metrics = run(cfg, data, out, resume=resume, say=say, progress=progress.update)
@@ -470,15 +493,16 @@ def demo(base, out, targets, steps, examples, quants, threads, quick, fresh, as_
 @click.option("--prompt", required=True, help="The user's text.")
 @backend_option
 @sampling_options
-@no_chat_option
+@chat_option
 @json_option
-def run_cmd(export_dir, adapters, prompt, backend, no_chat, as_json, sampling):
+def run_cmd(export_dir, adapters, prompt, backend, chat, as_json, sampling):
     """Run one request on an exported base with packed adapters; prints the completion, streamed."""
     rt = open_runtime(export_dir, backend)
     weighted = [parse_weighted(spec) for spec in adapters]
     ids = register_blobs(rt, [path for path, _ in weighted])
-    blend = [(name, weight) for name, (_, weight) in zip(ids, weighted)]
-    result = rt.generate(prompt, adapter=blend or None, sampling=sampling, on_text=write_stdout, chat=not no_chat)
+    blend = [(name, weight) for name, (_, weight) in zip(ids, weighted)] or None
+    use_chat = asks_chat(rt.prompt_format(blend), chat, " + ".join(ids) or "base")
+    result = rt.generate(prompt, adapter=blend, sampling=sampling, on_text=write_stdout, chat=use_chat)
     sys.stdout.write("\n")
     if as_json:
         click.echo(json.dumps({"text": result.text, "adapter": result.adapter, "tokens": len(result.token_ids),

@@ -11,9 +11,13 @@ Accepted files (a directory means every *.txt / *.jsonl directly inside it, sort
 * ``.txt``: raw text, loss on every token, cut into windows of ``seq_len + 1`` tokens;
 * ``.jsonl``, one object per line, formats may be mixed:
   ``{"text": ...}`` (loss on all tokens + EOS),
-  ``{"prompt": ..., "completion": ...}`` (plain concatenation as TRL does; loss on the
-  completion + EOS), ``{"messages": [{"role", "content"}, ...]}`` (the base's chat template;
-  loss on assistant turns and the end-of-turn token the template puts after each).
+  ``{"prompt": ..., "completion": ...}`` (by default one user turn and the assistant's answer
+  through the base's chat template, as the runtimes will ask it; with ``prompt_format="raw"``
+  the plain concatenation TRL uses; loss on the completion and what ends it),
+  ``{"messages": [{"role", "content"}, ...]}`` (the base's chat template; loss on assistant
+  turns and the end-of-turn token the template puts after each).
+
+A shipped sample can be named instead of a path: ``dates`` (its train split) or ``dates:test``.
 
 Targets are shifted here, not in the loss: ``targets[t]`` is the token to predict at position
 ``t`` or -100. A packed row can then hold many examples and never predicts across them.
@@ -22,6 +26,7 @@ Targets are shifted here, not in the loss: ``targets[t]`` is the token to predic
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +34,8 @@ from typing import Iterator
 import torch
 
 from .errors import OdloraError
-from .prompts import has_chat_template, render_chat
+from .prompts import has_chat_template, render_chat, resolve_prompt_format
+from .samples import SAMPLE_SPLITS, SAMPLE_TASKS, sample_path
 
 IGNORE = -100  # target value that carries no loss (PyTorch's cross_entropy ignore_index)
 SUFFIXES = (".txt", ".jsonl")
@@ -51,6 +57,15 @@ class Examples(list):
         super().__init__()
         self.files = files  # the files read
         self.dropped = 0  # examples with no loss token left after masking and truncation
+        self.kinds: Counter = Counter()  # examples per row format: "text", "prompt/completion", "messages"
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How rows become tokens: where the loss goes and how prompts are rendered."""
+
+    train_on_prompt: bool = False
+    prompt_format: str = "chat"  # "chat" or "raw" (see prompts.py); personalize resolves it per base
 
 
 def make_example(seq: list[int], mask: list[bool]) -> Example:
@@ -62,19 +77,22 @@ def make_example(seq: list[int], mask: list[bool]) -> Example:
 # ---------------------------------------------------------------- reading files
 
 
-def read_examples(path: Path, tokenizer, seq_len: int, train_on_prompt: bool = False) -> Examples:
-    """Every example in a file or directory, truncated to ``seq_len`` tokens (start kept).
+def read_examples(path: Path, tokenizer, seq_len: int, train_on_prompt: bool = False,
+                  prompt_format: str = "chat") -> Examples:
+    """Every example in a file, directory or named sample, truncated to ``seq_len`` tokens (start kept).
 
     Raises OdloraError (one line, with file and line) for anything wrong with the data,
     including when no example has a token to learn from.
     """
     if seq_len < 1:
         raise OdloraError(f"seq_len must be at least 1, got {seq_len}")
-    path = Path(path)
+    path = resolve_data_path(path)
+    encoding = Encoding(train_on_prompt, resolve_prompt_format(prompt_format, tokenizer))
     examples = Examples(_data_files(path))
     for file in examples.files:
         reader = _read_txt if file.suffix == ".txt" else _read_jsonl
-        for seq, mask in reader(file, tokenizer, seq_len, train_on_prompt):
+        for kind, seq, mask in reader(file, tokenizer, seq_len, encoding):
+            examples.kinds[kind] += 1
             example = make_example(seq[: seq_len + 1], mask[: seq_len + 1])
             if any(t != IGNORE for t in example.targets):
                 examples.append(example)
@@ -86,6 +104,15 @@ def read_examples(path: Path, tokenizer, seq_len: int, train_on_prompt: bool = F
             f"left after masking and truncation to {seq_len} tokens)"
         )
     return examples
+
+
+def resolve_data_path(spec) -> Path:
+    """A path as given, or a shipped sample named `task` or `task:split` when no such path exists."""
+    path = Path(spec)
+    task, _, split = str(spec).partition(":")
+    if not path.exists() and task in SAMPLE_TASKS and split in ("", *SAMPLE_SPLITS):
+        return sample_path(task, split or "train")
+    return path
 
 
 def _data_files(path: Path) -> list[Path]:
@@ -115,16 +142,16 @@ def _read_text(file: Path) -> str:
     return text
 
 
-def _read_txt(file: Path, tokenizer, seq_len: int, train_on_prompt: bool):
+def _read_txt(file: Path, tokenizer, seq_len: int, encoding: Encoding):
     """Raw text: windows of seq_len + 1 tokens that overlap by one, so every token is a target once."""
     ids = _with_eos(tokenizer, tokenizer(_read_text(file))["input_ids"])
     for start in range(0, max(len(ids) - 1, 1), seq_len):
         window = ids[start : start + seq_len + 1]
-        yield window, [True] * len(window)
+        yield "text", window, [True] * len(window)
 
 
-def _read_jsonl(file: Path, tokenizer, seq_len: int, train_on_prompt: bool):
-    """One (tokens, mask) per non-blank line. Split on "\\n" only: JSON strings may hold U+2028."""
+def _read_jsonl(file: Path, tokenizer, seq_len: int, encoding: Encoding):
+    """One (kind, tokens, mask) per non-blank line. Split on "\\n" only: JSON strings may hold U+2028."""
     for lineno, line in enumerate(_read_text(file).split("\n"), start=1):
         if not line.strip():
             continue
@@ -133,14 +160,14 @@ def _read_jsonl(file: Path, tokenizer, seq_len: int, train_on_prompt: bool):
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise OdloraError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        yield _encode_object(where, obj, tokenizer, train_on_prompt)
+        yield _encode_object(where, obj, tokenizer, encoding)
 
 
 # ---------------------------------------------------------------- one JSONL object
 
 
-def _encode_object(where: str, obj, tokenizer, train_on_prompt: bool):
-    """Tokens and loss mask for one JSONL object, whichever of the three formats it is."""
+def _encode_object(where: str, obj, tokenizer, encoding: Encoding):
+    """(kind, tokens, loss mask) for one JSONL object, whichever of the three formats it is."""
     if not isinstance(obj, dict):
         raise OdloraError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     formats = {"text": ("text",), "prompt/completion": ("prompt", "completion"), "messages": ("messages",)}
@@ -148,13 +175,19 @@ def _encode_object(where: str, obj, tokenizer, train_on_prompt: bool):
     if len(kinds) != 1:
         found = f" (found {' and '.join(kinds)})" if kinds else ""
         raise OdloraError(f'{where}: expected "text", "prompt"/"completion" or "messages"{found}')
-    if kinds[0] == "text":
-        text = _string(where, obj, "text")
-        return _encode_plain(tokenizer, text, loss_from=0)
-    if kinds[0] == "prompt/completion":
+    kind, on_prompt = kinds[0], encoding.train_on_prompt
+    if kind == "text":
+        return (kind, *_encode_plain(tokenizer, _string(where, obj, "text"), loss_from=0))
+    if kind == "prompt/completion":
         prompt, completion = _string(where, obj, "prompt"), _string(where, obj, "completion")
-        return _encode_plain(tokenizer, prompt + completion, loss_from=0 if train_on_prompt else len(prompt))
-    return _encode_messages(where, obj["messages"], tokenizer, train_on_prompt)
+        if encoding.prompt_format == "chat":  # as the runtimes will ask it
+            turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return (kind, *_encode_messages(where, turns, tokenizer, on_prompt))
+        return (kind, *_encode_plain(tokenizer, prompt + completion, loss_from=0 if on_prompt else len(prompt)))
+    if encoding.prompt_format == "raw" and has_chat_template(tokenizer):
+        raise OdloraError(f'{where}: "messages" rows train through the chat template, which --format raw '
+                          f'leaves out; use "prompt"/"completion" rows or drop --format raw')
+    return (kind, *_encode_messages(where, obj["messages"], tokenizer, on_prompt))
 
 
 def _string(where: str, obj: dict, key: str) -> str:

@@ -25,11 +25,12 @@ import torch
 
 from .adapter import adapter_from_factors, save_adapter
 from .base import Base, load_base, load_tokenizer
-from .data import data_stats, pack, read_examples, split_examples
+from .data import IGNORE, data_stats, pack, read_examples, split_examples
 from .errors import OdloraError
 from .lora import LoraConfig, apply_lora, match_targets, parse_layers
+from .prompts import DEFAULT_PROMPT_FORMAT, resolve_prompt_format
 from .quant import quantize_base
-from .train import TorchEngine, TrainConfig, config_identity, train
+from .train import TorchEngine, TrainConfig, config_identity, train, underfit_hint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ENGINES = ("torch", "executorch")
@@ -47,6 +48,7 @@ class PersonalizeConfig:
     dtype: str = "bf16"
     layers: str = "all"  # parsed once the base's layer count is known
     train_on_prompt: bool = False
+    prompt_format: str = DEFAULT_PROMPT_FORMAT  # how prompt/completion rows are rendered, and later served
     threads: Optional[int] = None
     engine: str = "torch"  # or "executorch"
     program: Optional[Path] = None  # executorch: an exported training program (default: cached per base/shape)
@@ -59,9 +61,11 @@ def checkpoint_dir(out: Path) -> Path:
 def prepare_data(cfg: PersonalizeConfig, data: Path, tokenizer):
     if cfg.seq_len < 8:
         raise OdloraError(f"--seq-len must be >= 8, got {cfg.seq_len}")
-    examples = read_examples(Path(data), tokenizer, cfg.seq_len, cfg.train_on_prompt)
+    prompt_format = resolve_prompt_format(cfg.prompt_format, tokenizer)
+    examples = read_examples(data, tokenizer, cfg.seq_len, cfg.train_on_prompt, prompt_format)
     if cfg.val_data is not None:
-        train_ex, val_ex = examples, read_examples(Path(cfg.val_data), tokenizer, cfg.seq_len, cfg.train_on_prompt)
+        train_ex, val_ex = examples, read_examples(cfg.val_data, tokenizer, cfg.seq_len, cfg.train_on_prompt,
+                                                   prompt_format)
     else:
         train_ex, val_ex = split_examples(examples, cfg.val_split, cfg.training.seed)
     if not val_ex:
@@ -70,7 +74,17 @@ def prepare_data(cfg: PersonalizeConfig, data: Path, tokenizer):
     train_packed, val_packed = pack(train_ex, cfg.seq_len, pad), pack(val_ex, cfg.seq_len, pad)
     stats = data_stats(train_ex, train_packed, files=len(examples.files), dropped=examples.dropped).to_dict()
     stats["val_examples"] = len(val_ex)
+    stats["kinds"] = dict(examples.kinds)
+    stats["prompt_format"] = prompt_format
+    stats["first_example"] = show_example(tokenizer, train_ex[0])
     return train_packed, val_packed, stats
+
+
+def show_example(tokenizer, example) -> dict:
+    """An example as the model sees it: the text it reads, and the part it learns to write."""
+    first = next(i for i, t in enumerate(example.targets) if t != IGNORE)  # input_ids[: first + 1] predict it
+    return {"context": tokenizer.decode(example.input_ids[: first + 1]),
+            "learned": tokenizer.decode([t for t in example.targets if t != IGNORE])}
 
 
 def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = False,
@@ -115,7 +129,7 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
         if on_record:
             on_record(record)
 
-    meta = {"base": base.spec, "base_fingerprint": base.fingerprint, **setup,
+    meta = {"base": base.spec, "base_fingerprint": base.fingerprint, **setup, "prompt_format": stats["prompt_format"],
             "seq_len": cfg.seq_len, "data": stats, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         history = train(engine, train_data, val_data, cfg.training, identity, checkpoint_dir(out), resume,
@@ -136,6 +150,9 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
     meta["training"] = identity["training"]
     save_adapter(adapter_from_factors(engine.factors(), lora, meta), out, base.spec)
     _write_log(out, log_records)
+    hint = underfit_hint([r["loss"] for r in log_records if r["event"] == "step"])
+    if hint:
+        say(hint)
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the adapter supersedes it
     return meta["metrics"]
 
@@ -190,12 +207,37 @@ def program_base(program: Path) -> Base:
 
 
 def dry_run(cfg: PersonalizeConfig, data: Path) -> dict:
-    """The modules LoRA would adapt and the data statistics, without training."""
+    """What a run would do, without training: the data as read and packed, the steps, the modules
+    LoRA would adapt and its trainable parameters."""
     base = load_base(cfg.base)
     layers = parse_layers(cfg.layers, base.model.args.n_layers)
     modules = match_targets(base.model, cfg.lora.targets, layers)
-    _, _, stats = prepare_data(cfg, data, base.tokenizer)
-    return {"modules": modules, "data": stats}
+    train_rows, _, stats = prepare_data(cfg, data, base.tokenizer)
+    linears = dict(base.model.named_modules())
+    params = sum(cfg.lora.rank * (linears[m].in_features + linears[m].out_features) for m in modules)
+    steps = cfg.training.total_steps(len(train_rows))
+    rows_per_step = cfg.training.batch_size * cfg.training.grad_accum
+    return {"modules": modules, "trainable_parameters": params, "data": stats, "steps": steps,
+            "epochs": round(steps * rows_per_step / len(train_rows), 2), "rows_per_step": rows_per_step}
+
+
+def format_dry_run(info: dict) -> str:
+    """`--dry-run`'s summary for a person (the same facts as its --json)."""
+    d = info["data"]
+    kinds = ", ".join(f"{n} {kind}" for kind, n in d["kinds"].items())
+    example = d["first_example"]
+    lines = [
+        f"data: {d['examples']} train / {d['val_examples']} val examples from {d['files']} file(s) ({kinds}), "
+        f"{d['dropped']} dropped",
+        f"      {d['tokens']} tokens, {d['loss_tokens']} of them trained on; prompt format: {d['prompt_format']}",
+        f"packing: {d['packed_rows']} rows, {d['padding_fraction']:.1%} padding",
+        f"steps: {info['steps']} of {info['rows_per_step']} rows (about {info['epochs']} epochs)",
+        f"LoRA: {len(info['modules'])} modules, {info['trainable_parameters']:,} trainable parameters",
+        "first example, as the model reads it:", f"  {example['context']!r}",
+        "and the part it learns to write:", f"  {example['learned']!r}",
+        "modules:", *(f"  {m}" for m in info["modules"]),
+    ]
+    return "\n".join(lines)
 
 
 def _write_log(out: Path, records: list[dict]) -> None:

@@ -35,10 +35,15 @@ from .errors import OdloraError
 from .evaluate import evaluate_loss, token_loss
 
 
+DEFAULT_EPOCHS = 3.0
+MIN_DEFAULT_STEPS = 40  # what the shipped tasks need to reach 0.8-0.9 exact match (demo: 40 steps of 8 rows)
+MAX_DEFAULT_EPOCHS = 20  # ...but no more passes than this over a very small file
+
+
 @dataclass
 class TrainConfig:
-    steps: Optional[int] = None  # optimiser steps; None: derive from epochs
-    epochs: float = 3.0
+    steps: Optional[int] = None  # optimiser steps; None: derive from the data (see total_steps)
+    epochs: Optional[float] = None  # passes over the data; None: DEFAULT_EPOCHS, with at least MIN_DEFAULT_STEPS
     lr: float = 1e-3
     batch_size: int = 8
     grad_accum: int = 1
@@ -58,16 +63,21 @@ class TrainConfig:
                 raise OdloraError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise OdloraError(f"--steps must be >= 1, got {self.steps}")
-        if self.epochs <= 0 or self.lr <= 0:
+        if (self.epochs is not None and self.epochs <= 0) or self.lr <= 0:
             raise OdloraError("--epochs and --lr must be positive")
         if self.compile and self.activation_checkpointing:
             raise OdloraError("--compile and --activation-checkpointing cannot be used together")
 
     def total_steps(self, n_rows: int) -> int:
+        """--steps, else --epochs passes over the rows; with neither, DEFAULT_EPOCHS but at least
+        MIN_DEFAULT_STEPS (and at most MAX_DEFAULT_EPOCHS passes): 3 epochs of a user's 50-line
+        file are 6 steps, which leaves the adapter underfit (validation loss 4.84 -> 1.62 there)."""
         if self.steps is not None:
             return self.steps
         per_epoch = math.ceil(n_rows / (self.batch_size * self.grad_accum))
-        return max(1, round(per_epoch * self.epochs))
+        if self.epochs is not None:
+            return max(1, round(per_epoch * self.epochs))
+        return max(round(per_epoch * DEFAULT_EPOCHS), min(MIN_DEFAULT_STEPS, per_epoch * MAX_DEFAULT_EPOCHS))
 
 
 def lr_lambda(total: int, warmup_fraction: float) -> Callable[[int], float]:
@@ -243,3 +253,17 @@ def config_identity(base_fingerprint: str, lora: dict, train_cfg: TrainConfig, d
     """What must not change between a checkpoint and `--resume`."""
     train_dict = {k: v for k, v in asdict(train_cfg).items() if k not in ("eval_every", "save_every", "early_stopping", "compile")}
     return {"base": base_fingerprint, "lora": json.loads(json.dumps(lora)), "training": train_dict, "data": data_stats}
+
+
+def underfit_hint(step_losses: list[float]) -> Optional[str]:
+    """A one-line hint when the run ended while the training loss was still falling fast: the mean
+    loss of the last quarter of the steps more than 15% below the quarter before it."""
+    quarter = len(step_losses) // 4
+    if quarter < 2:
+        return None
+    before = sum(step_losses[-2 * quarter : -quarter]) / quarter
+    last = sum(step_losses[-quarter:]) / quarter
+    if not before > 0 or last > 0.85 * before:
+        return None
+    return (f"the training loss was still falling at the end ({before:.3f} -> {last:.3f} over the last quarter of "
+            f"the steps): the adapter may be underfit; try more --steps (this run took {len(step_losses)})")

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import OdloraError
 from ..exporters.slots import SlotSpec
+from ..prompts import DEFAULT_PROMPT_FORMAT
 from ..registry import sha256_file
 
 PACKED_FORMAT = "odlora-packed-adapter"
@@ -108,6 +109,16 @@ def normalise(adapter, strength: float, registered: dict[str, RegisteredAdapter]
             raise OdloraError(f"unknown adapter {name!r} (registered: {known})")
         weights[name] = weights.get(name, 0.0) + weight
     return [(name, w * strength) for name, w in sorted(weights.items()) if w * strength != 0.0]
+
+
+def blend_prompt_format(parts: list[tuple[str, float]], registered: dict[str, RegisteredAdapter]) -> str:
+    """How a request with these adapters is asked: their trained prompt format ("chat" for the base
+    and for blobs packed before formats were recorded). A blend must agree on one."""
+    formats = {name: registered[name].info.get("prompt_format", DEFAULT_PROMPT_FORMAT) for name, _ in parts}
+    if len(set(formats.values())) > 1:
+        written = ", ".join(f"{name} {fmt}" for name, fmt in formats.items())
+        raise OdloraError(f"cannot blend adapters trained with different prompt formats ({written})")
+    return next(iter(formats.values()), DEFAULT_PROMPT_FORMAT)
 
 
 def _finite(x) -> bool:

@@ -16,7 +16,8 @@ the installed base bundle (same format, target, base fingerprint and slot layout
 bundle.json: `format` "odlora-bundle", `format_version`, `kind` ("base" | "adapters"), `target`,
 `base_fingerprint`, `slots` (the export's slot spec), `max_seq_len`, `prompt` (the chat template
 rendered around one user message as `chat_prefix` / `chat_suffix`, and `stop_ids`, so that a
-runtime without a template engine builds the same prompt), `adapters` ([{id, file, rank, metrics}]),
+runtime without a template engine builds the same prompt), `adapters` ([{id, file, rank, metrics,
+prompt_format}]; prompt_format "chat" wraps a request in chat_prefix/chat_suffix, "raw" feeds it as is),
 and `files` ({relative path: {sha256, size}} for every other file). Opening a bundle checks all of it:
 an unknown format version, a path that leaves the bundle, a missing or changed file, or an adapter
 bundle for another base is an error that names what is wrong. The native runtime
@@ -36,7 +37,7 @@ from ..atomic import staged_dir
 from ..base import load_tokenizer
 from ..errors import OdloraError
 from ..exporters.export import file_table, read_manifest
-from ..prompts import has_chat_template, render_chat, stop_token_ids
+from ..prompts import DEFAULT_PROMPT_FORMAT, has_chat_template, render_chat, stop_token_ids
 from ..registry import sha256_file
 from .adapters import read_sidecar
 
@@ -86,7 +87,7 @@ def write_bundle(export_dir: Path, adapters: list[tuple[str, Path]], out: Path, 
             "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "tool_version": __version__,
             "kind": "base" if with_base else "adapters", "target": export["target"],
             "base_fingerprint": export["base_fingerprint"], "slots": export["slots"],
-            "max_seq_len": export["max_seq_len"], "prompt": prompt_format(export_dir, export),
+            "max_seq_len": export["max_seq_len"], "prompt": prompt_template(export_dir, export),
             "adapters": entries, "files": file_table(tmp, BUNDLE_MANIFEST),
         }
         (tmp / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -99,7 +100,8 @@ def copy_adapter(adapter_id: str, blob: Path, export: dict, into: Path) -> dict:
     name = f"{ADAPTERS_DIR}/{adapter_id}{''.join(blob.suffixes) or '.bin'}"
     shutil.copyfile(blob, into / name)
     shutil.copyfile(blob.with_name(blob.name + ".json"), into / f"{name}.json")
-    return {"id": adapter_id, "file": name, "rank": info.get("rank"), "metrics": info.get("metrics", {})}
+    return {"id": adapter_id, "file": name, "rank": info.get("rank"), "metrics": info.get("metrics", {}),
+            "prompt_format": info.get("prompt_format", DEFAULT_PROMPT_FORMAT)}
 
 
 def check_adapter_id(adapter_id: str) -> None:
@@ -107,7 +109,7 @@ def check_adapter_id(adapter_id: str) -> None:
         raise OdloraError(f"adapter id {adapter_id!r}: use letters, digits, '-', '_' and '.' (it names a file)")
 
 
-def prompt_format(export_dir: Path, export: dict) -> dict:
+def prompt_template(export_dir: Path, export: dict) -> dict:
     """The chat template around one user message, and the stop ids, as plain strings and numbers."""
     tokenizer = load_tokenizer(export_dir / "tokenizer")
     prefix, suffix = "", ""

@@ -43,8 +43,16 @@ class Chat:
 
     def use(self, spec: str) -> None:
         """Switch adapters; an unknown id fails now rather than at the next answer."""
-        self.adapter = normalise(parse_label(spec), 1.0, self.rt.adapters)
-        self.label = label(self.adapter) or "base"
+        adapter = normalise(parse_label(spec), 1.0, self.rt.adapters)
+        # An adapter trained on raw prompts (`personalize --format raw`) never saw a conversation:
+        # it reads each message alone, as it was trained.
+        self.alone = self.rt.prompt_format(adapter) == "raw"
+        self.adapter, self.label = adapter, label(adapter) or "base"
+
+    def answering(self) -> str:
+        return f"answering with {self.label}" + (self.ALONE if self.alone else "")
+
+    ALONE = "; trained on raw prompts, it reads each message alone"
 
     def handle(self, line: str) -> bool:
         """One line of input: a /command or a message. False when the chat ends; errors are said, not raised."""
@@ -65,11 +73,11 @@ class Chat:
             self.messages.clear()
             self.say("(conversation cleared)")
         elif name == "/adapters":
-            self.say(f"adapters: {', '.join(['base', *sorted(self.rt.adapters)])} (answering with {self.label})")
+            self.say(f"adapters: {', '.join(['base', *sorted(self.rt.adapters)])} ({self.answering()})")
         elif name == "/adapter":
             if arg.strip():
                 self.use(arg)
-            self.say(f"(answering with {self.label})")
+            self.say(f"({self.answering()})")
         else:
             self.say(HELP)
         return True
@@ -77,7 +85,8 @@ class Chat:
     def ask(self, text: str) -> str:
         """Answer `text` after the conversation so far, streamed to `out`; returns the answer.
         A refused message (too long, say) leaves the conversation as it was."""
-        messages = self.fit([*self.messages, {"role": "user", "content": text}])
+        history = [] if self.alone else self.messages
+        messages = self.fit([*history, {"role": "user", "content": text}])
         result = self.rt.generate(messages, adapter=self.adapter, sampling=self.sampling, on_text=self.write)
         self.say("")
         self.messages = [*messages, {"role": "assistant", "content": result.text}]
@@ -99,7 +108,8 @@ class Chat:
 def run_chat(rt: Runtime, inp: TextIO, out: TextIO, sampling: SamplingConfig, adapter: str = "base") -> Chat:
     """Read lines from `inp` until /quit or end of input; returns the conversation."""
     chat = Chat(rt, sampling, out, adapter)
-    chat.say(f"chatting with {chat.label} ({rt.max_seq_len}-token context); /help lists the commands")
+    chat.say(f"chatting with {chat.label} ({rt.max_seq_len}-token context{chat.ALONE if chat.alone else ''}); "
+             f"/help lists the commands")
     while True:
         chat.write("> ")
         line = inp.readline()

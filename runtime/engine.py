@@ -28,8 +28,8 @@ from ..errors import OdloraError
 from ..exporters.export import read_manifest
 from ..generate import SamplingConfig, TextStream, sample_next
 from ..prompts import encode_prompt, has_chat_template, render_chat, stop_token_ids
-from .adapters import (AdapterCache, RegisteredAdapter, check_checksum, combine_slots, file_stamp, label, normalise,
-                       read_sidecar)
+from .adapters import (AdapterCache, RegisteredAdapter, blend_prompt_format, check_checksum, combine_slots, file_stamp,
+                       label, normalise, read_sidecar)
 from .backends import Backend, Loaded, open_backend
 
 DEFAULT_CACHE_BYTES = 256 * 2**20  # about 13 rank-16 all-linear adapters of the default base (fp32 slots)
@@ -46,6 +46,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max tokens or the cache's end)
     seconds: float
     prefill_seconds: float
+    prompt_format: str = "chat"  # how the prompt was rendered: "chat" (template) or "raw"
 
     def to_dict(self) -> dict:
         return {"text": self.text, "adapter": self.adapter, "tokens": len(self.token_ids),
@@ -167,13 +168,26 @@ class Runtime:
 
     # -- requests ---------------------------------------------------------------------------------
 
+    def prompt_format(self, adapter: AdapterArg = None) -> str:
+        """How `adapter` (an id, a blend or None for the base) was trained to be asked: "chat"
+        (the chat template) or "raw" (`personalize --format raw`)."""
+        with self._lock:
+            registered = dict(self.adapters)
+        return blend_prompt_format(normalise(adapter, 1.0, registered), registered)
+
     def encode(self, prompt, chat: bool = True) -> list[int]:
         """Token ids for a prompt string (chat-templated when `chat` and the tokenizer has a
-        template) or for a list of {"role", "content"} messages."""
+        template) or for a list of {"role", "content"} messages (templated; with `chat` False,
+        for an adapter trained on raw text, a single user message is fed as its raw content)."""
         is_messages = (isinstance(prompt, list) and bool(prompt)
                        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt))
         if not isinstance(prompt, str) and not is_messages:
             raise OdloraError("a prompt is a string or a list of {'role', 'content'} messages")
+        if is_messages and not chat:
+            if len(prompt) != 1 or prompt[0]["role"] != "user" or not isinstance(prompt[0]["content"], str):
+                raise OdloraError("this adapter was trained on raw prompts (--format raw): send one user message, "
+                                  "or a plain prompt")
+            prompt, is_messages = prompt[0]["content"], False
         if is_messages and not has_chat_template(self.tokenizer):
             raise OdloraError("this export's tokenizer has no chat template: pass a plain prompt")
         with self._tokenizer_lock:
@@ -192,17 +206,20 @@ class Runtime:
 
     def generate(self, prompt, adapter: AdapterArg = None, strength: float = 1.0,
                  sampling: Optional[SamplingConfig] = None, on_text: Optional[Callable[[str], None]] = None,
-                 chat: bool = True) -> GenerationResult:
+                 chat: Optional[bool] = None) -> GenerationResult:
         """Prefill the prompt, decode with the KV cache, return the text (cut at a stop string).
 
         prompt: a string or chat messages. adapter: None (the base), an id, or a blend
-        [(id, weight), ...]; `strength` scales the whole adapter (0: the base). `on_text`
-        receives the text as it becomes final (held back while it could still become a stop string).
+        [(id, weight), ...]; `strength` scales the whole adapter (0: the base). `chat`: None asks
+        the adapter the way it was trained (`prompt_format`), True/False force the chat template
+        or raw text. `on_text` receives the text as it becomes final (held back while it could
+        still become a stop string).
         """
         started = time.perf_counter()
         cfg = sampling or SamplingConfig()
         cfg.validate()
-        ids = self.encode(prompt, chat=chat)
+        prompt_format = self.prompt_format(adapter) if chat is None else ("chat" if chat else "raw")
+        ids = self.encode(prompt, chat=prompt_format == "chat")
         n = len(ids)
         if n >= self.max_seq_len:
             raise OdloraError(f"the prompt has {n} tokens; this export's --max-seq-len {self.max_seq_len} leaves "
@@ -224,4 +241,5 @@ class Runtime:
                 if pos + 1 < self.max_seq_len and len(stream.tokens) < cfg.max_new_tokens:
                     logits = seq.forward([token], pos)
         text, tokens = stream.close(), stream.tokens
-        return GenerationResult(text, tokens, n, name, finish, time.perf_counter() - started, prefill_seconds)
+        return GenerationResult(text, tokens, n, name, finish, time.perf_counter() - started, prefill_seconds,
+                                prompt_format)

@@ -111,15 +111,49 @@ def test_messages_train_on_prompt_covers_everything(tmp_path, tiny_tokenizer):
     assert tiny_tokenizer.decode(ex.input_ids[:1] + ex.targets) == full
 
 
-def test_prompt_completion_loss_on_completion_and_eos(tmp_path, tiny_tokenizer):
+def test_prompt_completion_raw_is_the_concatenation(tmp_path, tiny_tokenizer):
     row = {"prompt": "The cat looks at", "completion": " the river."}
-    [ex] = read_examples(write_jsonl(tmp_path / "d.jsonl", [row]), tiny_tokenizer, 256)
+    [ex] = read_examples(write_jsonl(tmp_path / "d.jsonl", [row]), tiny_tokenizer, 256, prompt_format="raw")
     seq = tiny_tokenizer(row["prompt"] + row["completion"])["input_ids"] + [tiny_tokenizer.eos_token_id]
     check_shift(ex, seq)
     assert loss_text(tiny_tokenizer, ex) == " the river.<|im_end|>"
 
-    [ex] = read_examples(tmp_path / "d.jsonl", tiny_tokenizer, 256, train_on_prompt=True)
+    [ex] = read_examples(tmp_path / "d.jsonl", tiny_tokenizer, 256, train_on_prompt=True, prompt_format="raw")
     assert IGNORE not in ex.targets
+
+
+def test_prompt_completion_trains_as_the_runtime_asks(tmp_path, tiny_tokenizer):
+    """By default a prompt/completion row is the user turn and the answer in the chat template:
+    what the model reads is exactly what `encode_prompt` (run, serve, chat) feeds it."""
+    from ondevice_lora.prompts import encode_prompt
+
+    row = {"prompt": "Convert to 24-hour time: 7:45 pm", "completion": "19:45"}
+    [ex] = read_examples(write_jsonl(tmp_path / "d.jsonl", [row]), tiny_tokenizer, 256)
+    served = encode_prompt(tiny_tokenizer, row["prompt"], chat=True)
+    first_loss = next(i for i, t in enumerate(ex.targets) if t != IGNORE)
+    assert ex.input_ids[: first_loss + 1] == served
+    assert loss_text(tiny_tokenizer, ex) == "19:45<|im_end|>"
+    messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    [same] = read_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": messages}]), tiny_tokenizer, 256)
+    assert (same.input_ids, same.targets) == (ex.input_ids, ex.targets)
+
+
+def test_raw_format_refuses_messages_and_bases_without_a_template_train_raw(tmp_path, tiny_tokenizer):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Berlin."}]}]
+    with pytest.raises(OdloraError, match=r"d.jsonl:1: .*--format raw"):
+        read_examples(write_jsonl(tmp_path / "d.jsonl", rows), tiny_tokenizer, 256, prompt_format="raw")
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    row = {"prompt": "Paris is", "completion": " fine."}
+    [ex] = read_examples(write_jsonl(tmp_path / "p.jsonl", [row]), plain, 256)  # "chat" resolves to raw
+    check_shift(ex, plain(row["prompt"] + row["completion"])["input_ids"] + [plain.eos_token_id])
+
+
+def test_samples_by_name(tiny_tokenizer):
+    train = read_examples("dates", tiny_tokenizer, 256)
+    test = read_examples("dates:test", tiny_tokenizer, 256)
+    assert train.files == [sample_path("dates", "train")] and test.files == [sample_path("dates", "test")]
+    assert train.kinds == {"messages": len(train)}
 
 
 def test_text_lines_and_mixed_formats(tmp_path, tiny_tokenizer):
@@ -129,7 +163,7 @@ def test_text_lines_and_mixed_formats(tmp_path, tiny_tokenizer):
     assert IGNORE not in text_ex.targets
     assert text_ex.targets[-1] == tiny_tokenizer.eos_token_id
     assert tiny_tokenizer.decode(text_ex.input_ids[:1] + text_ex.targets) == "My friend writes 12 apples!<|im_end|>"
-    assert loss_text(tiny_tokenizer, pc_ex) == " fine.<|im_end|>"
+    assert loss_text(tiny_tokenizer, pc_ex) == " fine.<|im_end|>"  # the chat template's answer turn
     assert loss_text(tiny_tokenizer, chat_ex) == "Berlin.<|im_end|>"
 
 
