@@ -76,7 +76,10 @@ Bundle open_bundle(const std::string& path) {
       const std::string file = a.at("file").get<std::string>();
       const std::string blob = safe_path(path, file);
       if (!m["files"].contains(file)) throw Error(where + ": adapter file " + file + " is not listed in files");
-      b.adapters.push_back({a.at("id").get<std::string>(), blob});
+      const std::string format = a.value("prompt_format", "chat");
+      if (format != "chat" && format != "raw")
+        throw Error(where + ": adapter " + file + ": unknown prompt_format '" + format + "' (chat or raw)");
+      b.adapters.push_back({a.at("id").get<std::string>(), blob, format == "raw"});
     }
     const Json& prompt = field(m, "prompt", where);
     b.chat_prefix = prompt.at("chat_prefix").get<std::string>();

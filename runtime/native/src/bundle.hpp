@@ -18,6 +18,7 @@ constexpr int kBundleVersion = 1;
 struct BundledAdapter {
   std::string id;
   std::string path;  // the packed blob, inside the bundle
+  bool raw = false;  // prompt_format "raw": trained on raw text, asked without the chat template
 };
 
 struct Bundle {

@@ -90,7 +90,7 @@ Engine::Engine(const std::string& bundle_path) : bundle_(open_bundle(bundle_path
   if (tokenizer_.load(dir + "tokenizer/tokenizer.json") != tokenizers::Error::Ok)
     throw Error(dir + "tokenizer/tokenizer.json: cannot load the tokenizer");
   zeros_ = std::make_unique<LoadedSlots>(SlotTensors::zeros(spec_), spec_, slot_inputs_);
-  for (const auto& a : bundle_.adapters) register_adapter(a.id, a.path);
+  for (const auto& a : bundle_.adapters) register_adapter(a.id, a.path, a.raw);
 }
 
 Engine::~Engine() = default;
@@ -98,13 +98,15 @@ Engine::~Engine() = default;
 void Engine::add_adapter_bundle(const std::string& path) {
   const Bundle extra = open_bundle(path);
   check_same_base(extra, bundle_);
-  for (const auto& a : extra.adapters) register_adapter(a.id, a.path);
+  for (const auto& a : extra.adapters) register_adapter(a.id, a.path, a.raw);
 }
 
-void Engine::register_adapter(const std::string& id, const std::string& blob_path) {
+void Engine::register_adapter(const std::string& id, const std::string& blob_path, bool raw) {
   if (id.empty() || id == "base") throw Error("adapter id '" + id + "' is reserved or empty");
   auto slots = SlotTensors::read(blob_path, spec_, bundle_.base_fingerprint);
   adapters_[id] = std::make_unique<LoadedSlots>(std::move(slots), spec_, slot_inputs_);
+  if (raw) raw_adapters_.insert(id);
+  else raw_adapters_.erase(id);
 }
 
 std::vector<std::string> Engine::adapter_ids() const {
@@ -173,13 +175,14 @@ std::vector<float> Engine::forward(const std::vector<uint64_t>& tokens, int64_t 
   return last;
 }
 
-Generation Engine::generate(const std::string& prompt, const std::string& adapter, int max_new_tokens, bool chat) {
+Generation Engine::generate(const std::string& prompt, const std::string& adapter, int max_new_tokens,
+                            std::optional<bool> chat) {
   const auto started = std::chrono::steady_clock::now();
   const LoadedSlots& slots = slots_for(adapter);
   Generation g;
   g.swap_us = ms_since(started) * 1000;
   if (max_new_tokens < 1) throw Error("max_new_tokens must be >= 1");
-  const std::vector<uint64_t> ids = encode(prompt, chat);
+  const std::vector<uint64_t> ids = encode(prompt, chat.value_or(!raw_adapters_.count(adapter)));
   g.prompt_tokens = ids.size();
   const int64_t n = ids.size();
   if (n >= max_seq_len_)

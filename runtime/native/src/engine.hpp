@@ -10,6 +10,8 @@
 
 #include <map>
 #include <memory>
+#include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -37,15 +39,18 @@ class Engine {
   // Verifies an adapter bundle against the base and registers its adapters.
   void add_adapter_bundle(const std::string& path);
   // Loads a packed blob (checked against the base) as `id`; an id registered again is replaced.
-  void register_adapter(const std::string& id, const std::string& blob_path);
+  // `raw`: the adapter was trained on raw prompts (prompt_format "raw"), so it is asked without the template.
+  void register_adapter(const std::string& id, const std::string& blob_path, bool raw = false);
   std::vector<std::string> adapter_ids() const;
   const Bundle& bundle() const { return bundle_; }
   int max_seq_len() const { return max_seq_len_; }
 
   // Prompt token ids: the user's text inside the chat template (`chat`), or the raw text.
   std::vector<uint64_t> encode(const std::string& prompt, bool chat) const;
-  // Greedy generation from position 0 with `adapter` ("" or "base": no adapter).
-  Generation generate(const std::string& prompt, const std::string& adapter, int max_new_tokens, bool chat = true);
+  // Greedy generation from position 0 with `adapter` ("" or "base": no adapter). `chat` unset: the
+  // prompt format the adapter was trained with (the chat template for the base and chat adapters).
+  Generation generate(const std::string& prompt, const std::string& adapter, int max_new_tokens,
+                      std::optional<bool> chat = std::nullopt);
   // Logits of the last of `tokens` at positions start.., writing their keys and values to the cache.
   std::vector<float> forward(const std::vector<uint64_t>& tokens, int64_t start, const std::string& adapter);
 
@@ -64,6 +69,7 @@ class Engine {
   tokenizers::HFTokenizer tokenizer_;
   std::unique_ptr<LoadedSlots> zeros_;
   std::map<std::string, std::unique_ptr<LoadedSlots>> adapters_;
+  std::set<std::string> raw_adapters_;  // ids trained on raw prompts
   int64_t chunk_ = 1, max_seq_len_ = 0, vocab_ = 0;
 };
 

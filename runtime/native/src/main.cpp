@@ -1,13 +1,16 @@
 // odlora-native: the native runtime from the command line.
 //
-//   odlora-native BUNDLE --prompt TEXT [--adapter ID] [--max-new-tokens N] [--no-chat] [--json]
-//   odlora-native BUNDLE --requests FILE      one JSON request a line: {"prompt", "adapter", "max_new_tokens"}
+//   odlora-native BUNDLE --prompt TEXT [--adapter ID] [--max-new-tokens N] [--chat | --no-chat] [--json]
+//   odlora-native BUNDLE --requests FILE      one JSON request a line: {"prompt", "adapter", "max_new_tokens", "chat"}
 //   odlora-native BUNDLE --verify             check the bundle and its adapters, print what it holds
 //   ... [--adapters ADAPTER_BUNDLE]...        adapter bundles downloaded later, checked against BUNDLE
 //
-// The base loads once; each request names its adapter. Errors print one line and exit 2.
+// The base loads once; each request names its adapter, and is asked the way that adapter was
+// trained (bundle.json's prompt_format) unless --chat/--no-chat or the request's "chat" says
+// otherwise. Errors print one line and exit 2.
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,12 +23,13 @@ struct Options {
   std::string bundle, prompt, adapter, requests;
   std::vector<std::string> adapter_bundles;
   int max_new_tokens = 128;
-  bool chat = true, json = false, verify = false;
+  std::optional<bool> chat;  // unset: each adapter's own prompt format
+  bool json = false, verify = false;
 };
 
 const char* kUsage =
     "usage: odlora-native BUNDLE (--prompt TEXT | --requests FILE | --verify) [--adapter ID]\n"
-    "                     [--adapters ADAPTER_BUNDLE]... [--max-new-tokens N] [--no-chat] [--json]\n";
+    "                     [--adapters ADAPTER_BUNDLE]... [--max-new-tokens N] [--chat | --no-chat] [--json]\n";
 
 Options parse(int argc, char** argv) {
   Options o;
@@ -41,6 +45,7 @@ Options parse(int argc, char** argv) {
     else if (arg == "--requests") o.requests = value(i);
     else if (arg == "--max-new-tokens") o.max_new_tokens = std::stoi(value(i));
     else if (arg == "--no-chat") o.chat = false;
+    else if (arg == "--chat") o.chat = true;
     else if (arg == "--json") o.json = true;
     else if (arg == "--verify") o.verify = true;
     else if (arg == "-h" || arg == "--help") { std::cout << kUsage; std::exit(0); }
@@ -59,7 +64,7 @@ odlora::Json to_json(const odlora::Generation& g, const std::string& adapter) {
 }
 
 // One request a line, answered in order on stdout; a bad request answers {"error"} and the rest go on.
-void serve_requests(odlora::Engine& engine, const std::string& path, bool chat) {
+void serve_requests(odlora::Engine& engine, const std::string& path, std::optional<bool> chat) {
   std::ifstream in(path);
   if (!in) throw odlora::Error(path + ": cannot open");
   std::string line;
@@ -69,7 +74,8 @@ void serve_requests(odlora::Engine& engine, const std::string& path, bool chat) 
       const auto request = odlora::Json::parse(line);
       const std::string adapter = request.value("adapter", "");
       const auto g = engine.generate(request.at("prompt").get<std::string>(), adapter,
-                                     request.value("max_new_tokens", 128), request.value("chat", chat));
+                                     request.value("max_new_tokens", 128),
+                                     request.contains("chat") ? std::optional<bool>(request.at("chat").get<bool>()) : chat);
       std::cout << odlora::dump(to_json(g, adapter)) << std::endl;
     } catch (const std::exception& e) {
       std::cout << odlora::dump({{"error", path + ":" + std::to_string(number) + ": " + e.what()}}) << std::endl;
