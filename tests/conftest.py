@@ -281,6 +281,29 @@ def default_base():
     return load_base(DEFAULT_BASE)
 
 
+DEFAULT_EXPORT_SEQ = 256  # KV-cache length of the default base's exports in the slow tests
+
+
+@pytest.fixture(scope="session")
+def default_export(default_base, tmp_path_factory):
+    """`default_export(target, quant) -> Path`: the default base exported once per session
+    (slots r<=16 on all linears, max_seq_len 256); an export takes from 40 s (ONNX) to minutes."""
+    from ondevice_lora.exporters.export import export
+    from ondevice_lora.registry import DEFAULT_BASE
+
+    root = tmp_path_factory.mktemp("default-exports")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(target: str, quant: str) -> Path:
+        if (target, quant) not in built:
+            out = root / f"{target}-{quant}"
+            export(DEFAULT_BASE, target, out, quant=quant, max_seq_len=DEFAULT_EXPORT_SEQ, say=lambda *_: None)
+            built[target, quant] = out
+        return built[target, quant]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def default_adapter(default_base, tmp_path_factory):
     """A rank-8 all-linear adapter on the default base with random non-zero A and B at a trained

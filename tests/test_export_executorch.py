@@ -25,6 +25,7 @@ from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.exporters.executorch import ExecutorchSession  # noqa: E402
 from ondevice_lora.exporters.export import export, pack  # noqa: E402
 from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers  # noqa: E402
+from conftest import DEFAULT_EXPORT_SEQ  # noqa: E402
 
 MAX_SEQ = 48  # > one 32-token prefill chunk, so prompts take the full, right-aligned and padded paths
 TOL = 1e-3
@@ -253,11 +254,11 @@ def test_qwen3_export_matches_pytorch(tiny_model_factory, tmp_path):
 # -- the real default base ------------------------------------------------------------------------
 
 QUESTION = "What is the capital of France?"
-REAL_SEQ = 256
+REAL_SEQ = DEFAULT_EXPORT_SEQ
 
 
 @pytest.mark.slow
-def test_default_base_export(default_base, default_adapter, tmp_path):
+def test_default_base_export(default_base, default_adapter, default_export, tmp_path):
     """fp32 parity with PyTorch, with zero slots and with an adapter; each quantised export keeps the answer, held-out perplexity within
     5% and at most 0.3x the fp32 size.
 
@@ -270,10 +271,11 @@ def test_default_base_export(default_base, default_adapter, tmp_path):
     from ondevice_lora.samples import __file__ as samples_init
 
     tokenizer = default_base.tokenizer
-    exports = {quant: tmp_path / quant for quant in ("fp32", "8da8w", "8da4w")}
+    exports = {quant: tmp_path / quant for quant in ("8da8w", "8da4w")}
     with ProcessPoolExecutor(len(exports), mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(export, DEFAULT_BASE, "executorch", out, quant=quant, max_seq_len=REAL_SEQ, say=print)
                 for quant, out in exports.items()]
+        exports["fp32"] = default_export("executorch", "fp32")  # in this process meanwhile; other tests reuse it
         for job in jobs:
             job.result()
     sessions = {quant: ExecutorchSession(out) for quant, out in exports.items()}

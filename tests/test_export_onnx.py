@@ -26,6 +26,7 @@ from ondevice_lora.exporters.export import export, pack  # noqa: E402
 from ondevice_lora.exporters.onnx import OnnxSession, replace_kv_cache_with_io  # noqa: E402
 from ondevice_lora.exporters.onnx_quant import BLOCK_SIZES  # noqa: E402
 from ondevice_lora.lora import LoraConfig, apply_lora  # noqa: E402
+from conftest import DEFAULT_EXPORT_SEQ  # noqa: E402
 
 MAX_SEQ = 64
 PROMPT = [1, 45, 203, 17, 99, 250, 3, 12, 88]
@@ -330,7 +331,7 @@ def test_export_refuses_existing_dir_and_damaged_files(exports, tmp_path):
 # -- the real default base (slow) ------------------------------------------------------------------
 
 QUESTION = "What is the capital of France?"
-CHUNK = 256
+CHUNK = DEFAULT_EXPORT_SEQ
 
 # The base is a Q4_1 GGUF; onnx_quant.py keeps its grid. The greedy answer's first token is a near
 # tie in fp32 ("The" 25.33 vs "L" 25.24): MatMulNBits' int8 activations in blocks of 32 flipped
@@ -363,16 +364,16 @@ def default_reference(default_base):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["fp32", "int8", "int4"])
-def test_default_base(default_base, default_reference, default_adapter, tmp_path, quant):
+def test_default_base(default_base, default_reference, default_adapter, default_export, tmp_path, quant):
     """fp32 parity on a chat prompt, with zero slots and with an adapter; every export keeps the
     greedy answer; quantised perplexity <= +5%."""
     ref = default_reference
-    export(None, "onnx", tmp_path / quant, quant=quant, max_seq_len=CHUNK, say=quiet)
-    session = OnnxSession(tmp_path / quant)
+    exported = default_export("onnx", quant)
+    session = OnnxSession(exported)
     logits, _ = session.forward([ref["prompt"]], range(len(ref["prompt"])), session.new_cache())
     if quant == "fp32":
         adapter_dir, with_adapter = default_adapter
-        pack(adapter_dir, tmp_path / quant, tmp_path / "r8.onnx_adapter")
+        pack(adapter_dir, exported, tmp_path / "r8.onnx_adapter")
         got, _ = session.forward([ref["prompt"]], range(len(ref["prompt"])), session.new_cache(),
                                  session.load_adapter(tmp_path / "r8.onnx_adapter"))
         with torch.no_grad():

@@ -6,7 +6,12 @@ import Foundation
 /// an adapter bundle the base it was packed for.
 public struct AppBundle {
     public struct Manifest: Decodable {
-        public struct Adapter: Decodable { public let id: String; public let file: String }
+        public struct Adapter: Decodable {
+            public let id: String
+            public let file: String
+            /// "chat" (asked inside the chat template) or "raw" (`personalize --format raw`); absent: "chat".
+            public let prompt_format: String?
+        }
         public struct Prompt: Decodable {
             public let chat_prefix: String
             public let chat_suffix: String

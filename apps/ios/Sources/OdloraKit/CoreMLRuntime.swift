@@ -10,6 +10,7 @@ public final class CoreMLRuntime {
     private let model: MLModel
     private let tokenizer: Tokenizer
     private var adapters: [String: [String: MLMultiArray]] = [:]  // id -> slot input -> fp16 array
+    private var rawAdapters: Set<String> = []  // ids trained on raw prompts (prompt_format "raw")
     private let zeros: [String: MLMultiArray]
 
     public init(bundle: AppBundle) async throws {
@@ -29,7 +30,7 @@ public final class CoreMLRuntime {
             zeros[name] = array
         }
         self.zeros = zeros
-        for adapter in bundle.manifest.adapters { try register(adapter.id, blob: try bundle.file(adapter.file)) }
+        for adapter in bundle.manifest.adapters { try register(adapter, from: bundle) }
     }
 
     public var adapterIds: [String] { adapters.keys.sorted() }
@@ -37,9 +38,12 @@ public final class CoreMLRuntime {
     /// Registers the adapters of a bundle downloaded later, after checking it is for this base.
     public func add(adapterBundle: AppBundle) throws {
         try bundle.checkAdapters(adapterBundle)
-        for adapter in adapterBundle.manifest.adapters {
-            try register(adapter.id, blob: try adapterBundle.file(adapter.file))
-        }
+        for adapter in adapterBundle.manifest.adapters { try register(adapter, from: adapterBundle) }
+    }
+
+    private func register(_ adapter: AppBundle.Manifest.Adapter, from bundle: AppBundle) throws {
+        try register(adapter.id, blob: try bundle.file(adapter.file))
+        if adapter.prompt_format == "raw" { rawAdapters.insert(adapter.id) } else { rawAdapters.remove(adapter.id) }
     }
 
     /// A packed Core ML adapter: safetensors, one fp16 tensor per slot input (exporters/coreml.py).
@@ -60,10 +64,12 @@ public final class CoreMLRuntime {
         adapters[id] = feeds
     }
 
-    /// Greedy answer to `prompt` inside the base's chat template, with `adapter` (nil: the base).
+    /// Greedy answer to `prompt` with `adapter` (nil: the base), asked the way the adapter was trained:
+    /// inside the base's chat template, or as raw text for a `prompt_format` "raw" adapter.
     public func generate(_ prompt: String, adapter: String? = nil, maxNewTokens: Int = 128) throws -> String {
         let p = bundle.manifest.prompt
-        let ids = tokenizer.encode(text: p.chat_prefix + prompt + p.chat_suffix, addSpecialTokens: false)
+        let raw = adapter.map { rawAdapters.contains($0) } ?? false
+        let ids = tokenizer.encode(text: raw ? prompt : p.chat_prefix + prompt + p.chat_suffix, addSpecialTokens: false)
         let slots = try adapter.map { id in
             guard let feeds = adapters[id] else { throw AppBundle.Failure.invalid("unknown adapter '\(id)'") }
             return feeds

@@ -9,7 +9,8 @@ NS_ASSUME_NONNULL_BEGIN
 /// Verifies an adapter bundle against the base and registers its adapters.
 - (BOOL)addAdapterBundle:(NSString*)path error:(NSError**)error;
 @property(nonatomic, readonly) NSArray<NSString*>* adapterIds;
-/// Greedy answer inside the chat template; `adapter` nil is the base.
+/// Greedy answer, asked as the adapter was trained (the chat template, or raw text for a "raw"
+/// adapter); `adapter` nil is the base.
 - (nullable NSString*)generate:(NSString*)prompt adapter:(nullable NSString*)adapter
                   maxNewTokens:(NSInteger)maxNewTokens error:(NSError**)error;
 @end

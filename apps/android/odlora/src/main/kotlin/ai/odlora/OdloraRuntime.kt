@@ -21,7 +21,8 @@ class OdloraRuntime private constructor(private var handle: Long) : java.io.Clos
     /** Verifies an adapter bundle (downloaded later) against the base and registers its adapters. */
     fun addAdapterBundle(path: String) = nativeAddAdapterBundle(checkOpen(), path)
 
-    /** Greedy answer to [prompt] (inside the base's chat template) with [adapter]; null is the base. */
+    /** Greedy answer to [prompt] with [adapter] (null is the base), asked as the adapter was trained:
+     *  inside the base's chat template, or as raw text for a "raw" adapter (bundle.json's prompt_format). */
     fun generate(prompt: String, adapter: String? = null, maxNewTokens: Int = 128): Generation =
         nativeGenerate(checkOpen(), prompt, adapter ?: "", maxNewTokens)
 
