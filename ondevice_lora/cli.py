@@ -513,12 +513,20 @@ def run_cmd(export_dir, adapters, prompt, backend, chat, as_json, sampling):
 @export_option
 @named_adapters_option
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; the loopback default keeps the server to this machine (no authentication).")
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port).")
+              help="Address to listen on; the loopback default keeps the server to this machine. Listening "
+                   "elsewhere, set --api-key.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port (0: any free port).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host header names NAME (any port), e.g. this machine's name on the "
+                   "network; repeatable. Loopback names and the --host address are always answered.")
+@click.option("--api-key", envvar="ODLORA_API_KEY", default=None, metavar="KEY",
+              help="Require `Authorization: Bearer KEY` on every route (default: env ODLORA_API_KEY; none: no key). "
+                   "The web page: open /?key=KEY once.")
 @click.option("--work", "work_dir", default=Path("odlora-web"), show_default=True, type=click.Path(path_type=Path),
               help="Where the web demo's personalisation jobs write adapters, packed blobs and uploads.")
 @backend_option
-def serve(export_dir, adapters, host, port, work_dir, backend):
+def serve(export_dir, adapters, host, port, allow_hosts, api_key, work_dir, backend):
     """Serve an export over HTTP with OpenAI's API, each request choosing its adapter, and a web demo.
 
     \b
@@ -529,17 +537,23 @@ def serve(export_dir, adapters, host, port, work_dir, backend):
 
     A request's `model` is `base`, an adapter id or a blend `a:0.7+b:0.3`; it honours max_tokens,
     temperature, top_p, seed, stop and stream (server-sent events). Absent fields take odlora's
-    defaults (greedy, 128 tokens). The page's personalisation jobs train on files of this machine,
-    write under --work, and add each new adapter to the served models. Stop with Ctrl-C.
+    defaults (greedy, 128 tokens). Requests from another Host or Origin are refused (403). The page's
+    personalisation jobs train on files of this machine, write under --work, and add each new
+    adapter to the served models. Stop with Ctrl-C.
     """
+    from .runtime.access import Access
     from .runtime.server import build_server, model_ids
     from .runtime.webapp import WebApp
 
+    access = Access.build(host, allow_hosts, api_key)  # a bad flag fails before the export loads
     rt = open_runtime(export_dir, backend)
     register_blobs(rt, adapters)
-    server = build_server(rt, host, port, webapp=WebApp(rt, work_dir))
+    server = build_server(rt, host, port, webapp=WebApp(rt, work_dir), access=access, access_log=True)
     click.echo(f"odlora serve: listening on {server.url} (models: {', '.join(model_ids(rt))})")
     click.echo(f"odlora serve: web demo on {server.root}/")
+    if api_key is not None:
+        click.echo(f"odlora serve: every route needs the API key (Authorization: Bearer KEY); open "
+                   f"{server.root}/?key=KEY once to use the page")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

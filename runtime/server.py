@@ -11,62 +11,87 @@ and pick an adapter per request through `model`.
 
 `model` is `base`, an adapter id, or a blend written as results label one (`a:0.7+b:0.3`).
 Requests honour max_tokens, temperature, top_p, seed, stop, and stream (server-sent events in
-OpenAI's chunk format); absent fields take odlora's defaults (greedy, 128 tokens), not OpenAI's.
-A bad request gets a 4xx with OpenAI's error JSON and fails alone.
+OpenAI's chunk format); bodies are checked by `openai_schema.py`. A bad request gets a 4xx with
+OpenAI's error JSON naming the field, and fails alone.
 
 `odlora serve` also hands the server a `webapp.WebApp`: the demo page at `/` and its `/odlora/...`
 routes (personalisation jobs), answered by that module.
 
-Each request runs in its own thread; the Runtime is thread-safe. The standard library's
-http.server is enough: the API is a few JSON routes, meant for one device's loopback.
+The stack: Starlette routes, served by uvicorn (h11). Starlette rather than FastAPI because every
+body here is read by our own code first (a size and a time limit, then pydantic's JSON parser, whose
+first problem becomes OpenAI's error JSON): FastAPI's automatic body models, 422 format and OpenAPI
+pages would each have to be switched off or overridden. What makes it hold (limits in `ServerSettings`):
+
+- a listen backlog of 2048 (the kernel caps it at net.core.somaxconn), so that a burst of clients
+  waits to be accepted instead of being reset;
+- uvicorn closes an idle keep-alive connection after 5 s and refuses request heads over 16 KiB;
+  `HeadDeadline` closes a connection whose request head has not arrived 10 s after it started
+  (uvicorn alone waits forever on a client that connects and stalls), and a body must arrive within
+  30 s (408) and stay under 4 MiB (413);
+- generations run in worker threads (`Generations`; the Runtime is thread-safe), never on the event
+  loop, at most `concurrency` at once with up to `queue` more waiting; past that a 503 with
+  Retry-After. A streamed answer is handed from its thread to the loop piece by piece, and a client
+  that leaves stops its generation at the next piece;
+- every route, the page's included, passes `access.Guard` first: the Host/Origin allow-list and the
+  optional API key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import math
+import socket
+import threading
 import time
 import traceback
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from typing import Callable, Optional
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import OdloraError
-from ..generate import SamplingConfig
+from .access import Access, Guard
 from .adapters import normalise, parse_label
 from .engine import GenerationResult, Runtime
-
-MAX_BODY_BYTES = 4 * 2**20  # far more than any prompt an export's KV cache holds
-DEFAULTS = SamplingConfig()
-REQUIRED = object()
-NUMBER = (int, float)
-TYPE_NAMES = {str: "a string", int: "an integer", NUMBER: "a number", bool: "a boolean", list: "a list",
-              dict: "an object", (str, list): "a string or a list of strings"}
+from .openai_schema import APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, parse_body
 
 
-class APIError(Exception):
-    """A failed request, answered with OpenAI's error JSON."""
+@dataclass(frozen=True)
+class ServerSettings:
+    """How much the server takes, and for how long it waits (seconds)."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+    backlog: int = 2048
+    concurrency: int = 4  # generations at once (2-core devices gain nothing from more)
+    queue: int = 64  # requests that may wait for one of them; one more is a 503
+    retry_after: int = 1  # what the 503 tells a client to wait
+    max_body_bytes: int = 4 * 2**20  # far more than any prompt an export's KV cache holds
+    max_head_bytes: int = 16 * 2**10  # the request line and headers
+    head_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0  # an idle connection between requests
+    shutdown_timeout: float = 5.0  # for requests in flight when the server stops
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """What differs between chat and plain completions: the input and the response shapes."""
+    """What differs between chat and plain completions: the body and the response shapes."""
 
+    schema: type
     chat: bool
     object: str
     chunk_object: str
     id_prefix: str
-
-    def read_prompt(self, body: dict):
-        return read_messages(body) if self.chat else field(body, "prompt", str)
 
     def choice(self, text: str, finish: str) -> dict:
         out = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
@@ -80,67 +105,25 @@ class Endpoint:
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-ENDPOINTS = {
-    "/v1/chat/completions": Endpoint(True, "chat.completion", "chat.completion.chunk", "chatcmpl"),
-    "/v1/completions": Endpoint(False, "text_completion", "text_completion", "cmpl"),
-}
+CHAT = Endpoint(ChatCompletionRequest, True, "chat.completion", "chat.completion.chunk", "chatcmpl")
+COMPLETIONS = Endpoint(CompletionRequest, False, "text_completion", "text_completion", "cmpl")
 
 
 @dataclass
-class Request:
+class Completion:
+    """One checked request to a completion endpoint."""
+
     endpoint: Endpoint
-    model: str  # as the client wrote it: responses echo it
+    body: GenerationRequest
     adapter: list  # [(id, weight)], [] for the base
-    prompt: object  # messages (chat) or a string
-    sampling: SamplingConfig
-    stream: bool
-    include_usage: bool  # stream_options.include_usage: one more chunk with the token counts
     id: str
     created: int
 
     def envelope(self, obj: str, **fields) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, **fields}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model, **fields}
 
-
-# -- reading a request ---------------------------------------------------------------------------------
-
-def field(body: dict, name: str, kind, default=REQUIRED):
-    """body[name] if it has the JSON type `kind`; absent or null: `default` (REQUIRED: a 400)."""
-    value = body.get(name)
-    if value is None:
-        if default is REQUIRED:
-            raise APIError(400, f"missing required parameter {name!r}", param=name, code="missing_required_parameter")
-        return default
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise APIError(400, f"{name!r} must be {TYPE_NAMES[kind]}, got {json.dumps(value)[:40]}", param=name,
-                       code="invalid_type")
-    return value
-
-
-def read_messages(body: dict) -> list[dict]:
-    """The chat messages, reduced to the role and content the chat template reads."""
-    messages = field(body, "messages", list)
-    if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                               and isinstance(m.get("content"), str) for m in messages):
-        raise APIError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects with string values",
-                       param="messages", code="invalid_type")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def read_stop(body: dict) -> list[str]:
-    stop = field(body, "stop", (str, list), [])
-    stops = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) and s for s in stops):
-        raise APIError(400, "'stop' must be a non-empty string or a list of them", param="stop", code="invalid_type")
-    return stops
-
-
-def read_sampling(body: dict) -> SamplingConfig:
-    """The sampling fields; their ranges are checked by `Runtime.generate` (a 400 from its OdloraError)."""
-    return SamplingConfig(max_new_tokens=field(body, "max_tokens", int, DEFAULTS.max_new_tokens),
-                          temperature=float(field(body, "temperature", NUMBER, DEFAULTS.temperature)),
-                          top_p=float(field(body, "top_p", NUMBER, DEFAULTS.top_p)),
-                          seed=field(body, "seed", int, None), stop=read_stop(body))
+    def chunk(self, choice: dict) -> str:
+        return sse(self.envelope(self.endpoint.chunk_object, choices=[choice]))
 
 
 def resolve_model(rt: Runtime, model: str) -> list:
@@ -149,28 +132,6 @@ def resolve_model(rt: Runtime, model: str) -> list:
         return normalise(parse_label(model), 1.0, rt.adapters)
     except OdloraError as e:
         raise APIError(404, f"the model {model!r} does not exist: {e}", param="model", code="model_not_found") from None
-
-
-def read_json(raw: bytes) -> dict:
-    """A request body that must be one JSON object."""
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise APIError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    return body
-
-
-def parse_request(endpoint: Endpoint, raw: bytes, rt: Runtime) -> Request:
-    body = read_json(raw)
-    if field(body, "n", int, 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
-    model = field(body, "model", str)
-    include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
-    return Request(endpoint, model, resolve_model(rt, model), endpoint.read_prompt(body), read_sampling(body),
-                   field(body, "stream", bool, False), include_usage, f"{endpoint.id_prefix}-{uuid.uuid4().hex[:24]}",
-                   int(time.time()))
 
 
 def model_ids(rt: Runtime) -> list[str]:
@@ -183,159 +144,341 @@ def usage(result: GenerationResult) -> dict:
             "total_tokens": result.prompt_tokens + completion}
 
 
-# -- answering -------------------------------------------------------------------------------------------
-
-class EventStream:
-    """A streamed answer as server-sent events. The status line waits for the first piece of text,
-    so that an error found before it (an over-long prompt, a blend too large) is still a 4xx."""
-
-    def __init__(self, handler: "Handler", request: Request):
-        self.handler, self.request, self.started = handler, request, False
-
-    def piece(self, text: str) -> None:
-        self.chunk(self.request.endpoint.delta(text))
-
-    def finish(self, result: GenerationResult) -> None:
-        self.chunk(self.request.endpoint.delta("", result.finish_reason))
-        if self.request.include_usage:
-            self.send(self.request.envelope(self.request.endpoint.chunk_object, choices=[], usage=usage(result)))
-        self.send("[DONE]")
-
-    def chunk(self, choice: dict) -> None:
-        self.send(self.request.envelope(self.request.endpoint.chunk_object, choices=[choice]))
-
-    def send(self, data) -> None:
-        if not self.started:
-            self.start()
-        self.handler.wfile.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
-
-    def start(self) -> None:
-        self.started = True
-        self.handler.send_response(200)
-        self.handler.send_header("Content-Type", "text/event-stream")
-        self.handler.send_header("Cache-Control", "no-cache")
-        self.handler.end_headers()
-        if self.request.endpoint.chat:  # OpenAI's first chat chunk carries the role
-            self.chunk(self.request.endpoint.delta("", first=True))
+def sse(data) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: "OpenAIServer"
-    server_version = "odlora"
+def api_error(error: BaseException) -> APIError:
+    """What a client is told of a failure: its own APIError, the Runtime's refusal of the request
+    (the prompt, the sampling, the adapter: a 400), or a bug (a 500; uvicorn logs its traceback)."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, OdloraError):
+        return APIError(400, str(error))
+    return APIError(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")
 
-    def do_GET(self):
-        self.respond(self.get)
 
-    def do_POST(self):
-        self.respond(self.post)
+class FiniteJSONResponse(JSONResponse):
+    """JSON with non-finite numbers (a diverged training loss) as null: strict JSON, never a 500."""
 
-    def respond(self, route) -> None:
-        """Run `route`; a failure answers this request only (an error event once streaming)."""
-        self.stream: Optional[EventStream] = None
-        self.quiet = False  # a route may keep its request out of the log (a progress poll)
-        try:
-            route()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left: a streamed generation stops with it
-        except APIError as e:
-            self.fail(e)
-        except OdloraError as e:  # the Runtime refused the request: the prompt, the sampling, the adapter
-            self.fail(APIError(400, str(e)))
-        except Exception as e:  # a bug: say so, and keep serving
-            traceback.print_exc()
-            self.fail(APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+    def render(self, content) -> bytes:
+        return super().render(finite(content))
 
-    def log_request(self, code="-", size="-") -> None:
-        if not (self.quiet and code == 200):
-            super().log_request(code, size)
 
-    def fail(self, error: APIError) -> None:
-        if self.stream is not None and self.stream.started:
-            self.stream.send(error.body())
-        else:
-            self.send_json(error.status, error.body())
+def finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
-    def route(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/")
 
-    def get(self) -> None:
-        if self.route() != "/v1/models":
-            self.web_route("GET")
-            return
-        created = self.server.created
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "odlora"}
-                for name in model_ids(self.server.runtime)]
-        self.send_json(200, {"object": "list", "data": data})
+# -- the line in front of the Runtime -------------------------------------------------------------------
 
-    def post(self) -> None:
-        endpoint = ENDPOINTS.get(self.route())
-        if endpoint is None:
-            self.web_route("POST")
-            return
-        request = parse_request(endpoint, self.read_body(), self.server.runtime)
-        on_text = None
-        if request.stream:
-            self.stream = EventStream(self, request)
-            on_text = self.stream.piece
-        # Completions take raw text; messages always go through the chat template.
-        result = self.server.runtime.generate(request.prompt, adapter=request.adapter, sampling=request.sampling,
-                                              on_text=on_text, chat=False)
-        if self.stream is not None:
-            self.stream.finish(result)
-            return
+class ClientGone(Exception):
+    """Raised into a generation whose client has left, so that its thread stops at the next piece."""
+
+
+class Generations:
+    """At most `concurrency` generations at once, in worker threads, and `queue` more waiting for
+    one; a request beyond that is refused at once (a 503), so that a burst never piles up unbounded.
+    A place is held from admission until its generation's thread is done with it."""
+
+    def __init__(self, settings: ServerSettings):
+        self.capacity, self.retry_after = settings.concurrency + settings.queue, settings.retry_after
+        self.executor = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="odlora-generate")
+        self.admitted = 0
+        self._lock = threading.Lock()
+
+    def submit(self, work: Callable) -> Future:
+        with self._lock:
+            if self.admitted >= self.capacity:
+                raise APIError(503, f"the server is busy ({self.capacity} requests running or waiting): retry in "
+                                    f"{self.retry_after} s", code="server_busy", kind="server_error",
+                               headers={"Retry-After": str(self.retry_after)})
+            self.admitted += 1
+        future = self.executor.submit(work)
+        future.add_done_callback(self._release)  # also when cancelled before it started
+        return future
+
+    async def run(self, work: Callable):
+        return await asyncio.wrap_future(self.submit(work))
+
+    def _release(self, _future: Future) -> None:
+        with self._lock:
+            self.admitted -= 1
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+# -- the routes -----------------------------------------------------------------------------------------
+
+class OpenAIRoutes:
+    def __init__(self, rt: Runtime, generations: Generations):
+        self.rt, self.generations, self.created = rt, generations, int(time.time())
+
+    def routes(self) -> list[Route]:
+        return [Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/chat/completions", functools.partial(self.complete, endpoint=CHAT), methods=["POST"]),
+                Route("/v1/completions", functools.partial(self.complete, endpoint=COMPLETIONS), methods=["POST"])]
+
+    async def models(self, request: Request) -> Response:
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "odlora"}
+                for name in model_ids(self.rt)]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def complete(self, request: Request, endpoint: Endpoint) -> Response:
+        body = parse_body(endpoint.schema, await read_body(request))
+        call = Completion(endpoint, body, resolve_model(self.rt, body.model),
+                          f"{endpoint.id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time()))
+        if body.stream:
+            return await self.stream(call)
+        result = await self.generations.run(lambda: self.generate(call))
         choice = endpoint.choice(result.text, result.finish_reason)
-        self.send_json(200, request.envelope(endpoint.object, choices=[choice], usage=usage(result)))
+        return JSONResponse(call.envelope(endpoint.object, choices=[choice], usage=usage(result)))
 
-    def web_route(self, method: str) -> None:
-        """The web demo's routes (`webapp.py`), when this server has it; else a 404."""
-        webapp = self.server.webapp
-        if webapp is None or not webapp.handle(self, method, self.route()):
-            raise APIError(404, f"no route {method} {self.path}", code="not_found")
+    def generate(self, call: Completion, on_text=None) -> GenerationResult:
+        # Completions take raw text; messages always go through the chat template.
+        return self.rt.generate(call.body.prompt, adapter=call.adapter, sampling=call.body.sampling(),
+                                on_text=on_text, chat=False)
 
-    def read_body(self) -> bytes:
-        length = self.headers.get("Content-Length", "0")
-        if not length.isdigit():
-            raise APIError(400, "the request needs a Content-Length header (chunked bodies are not read)")
-        if int(length) > MAX_BODY_BYTES:
-            raise APIError(413, f"the body is over {MAX_BODY_BYTES} bytes", code="body_too_large")
-        return self.rfile.read(int(length))
+    async def stream(self, call: Completion) -> Response:
+        """The answer as server-sent events. The status line waits for the first piece (or the end),
+        so that an error found before it (an over-long prompt, a blend too large) is still a 4xx."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()  # ("text", str)..., then ("done", result) | ("error", exception)
+        gone = threading.Event()
 
-    def send_json(self, status: int, body: dict) -> None:
-        self.send_bytes(status, json.dumps(body).encode(), "application/json")
+        def put(item) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
 
-    def send_bytes(self, status: int, data: bytes, content_type: str, headers: Optional[dict] = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        def on_text(text: str) -> None:
+            if gone.is_set():
+                raise ClientGone
+            put(("text", text))
+
+        def work() -> None:
+            try:
+                put(("done", self.generate(call, on_text)))
+            except ClientGone:
+                pass
+            except Exception as e:  # told to the client, in its stream or as its status
+                put(("error", e))
+
+        self.generations.submit(work)
+        try:
+            first = await pieces.get()
+        except BaseException:  # cancelled (the server stops): the generation need not go on
+            gone.set()
+            raise
+        if first[0] == "error":
+            gone.set()
+            raise first[1]
+        return StreamingResponse(self.events(call, first, pieces, gone),  # SSE is UTF-8 by definition: no charset
+                                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+
+    async def events(self, call: Completion, event: tuple, pieces: asyncio.Queue, gone: threading.Event):
+        endpoint = call.endpoint
+        try:
+            if endpoint.chat:  # OpenAI's first chat chunk carries the role
+                yield call.chunk(endpoint.delta("", first=True))
+            while event[0] == "text":
+                yield call.chunk(endpoint.delta(event[1]))
+                event = await pieces.get()
+            if event[0] == "error":
+                error = api_error(event[1])
+                if error.status >= 500:  # a bug, after the status line: only our log can say where
+                    traceback.print_exception(event[1])
+                yield sse(error.body())
+                return
+            result = event[1]
+            yield call.chunk(endpoint.delta("", result.finish_reason))
+            if call.body.include_usage:
+                yield sse(call.envelope(endpoint.chunk_object, choices=[], usage=usage(result)))
+            yield sse("[DONE]")
+        finally:  # the end, or the client left (Starlette cancels the stream): stop the generation
+            gone.set()
 
 
-class OpenAIServer(ThreadingHTTPServer):
-    daemon_threads = True  # a client holding its connection open never blocks shutdown
+async def read_body(request: Request) -> bytes:
+    """The request body, within the server's size and time limits (413, 408)."""
+    settings: ServerSettings = request.app.state.settings
+    too_large = APIError(413, f"the body is over {settings.max_body_bytes} bytes", code="body_too_large",
+                         headers={"Connection": "close"})
+    if int(request.headers.get("content-length", 0)) > settings.max_body_bytes:  # h11 checked it is a number
+        raise too_large
 
-    def __init__(self, address: tuple[str, int], runtime: Runtime, webapp=None):
-        super().__init__(address, Handler)
-        self.runtime, self.webapp, self.created = runtime, webapp, int(time.time())
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), settings.body_timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the body did not arrive within {settings.body_timeout:g} s", code="request_timeout",
+                       headers={"Connection": "close"}) from None
+
+
+async def on_error(request: Request, error: Exception) -> Response:
+    return api_error(error).response()
+
+
+async def on_http_error(request: Request, error: HTTPException) -> Response:
+    """Starlette's own refusals (no such route, another method) in OpenAI's error JSON."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+    return APIError(error.status_code, f"no route {request.method} {request.url.path}", code=code,
+                    headers=error.headers).response()
+
+
+async def on_disconnect(request: Request, error: ClientDisconnect) -> Response:
+    return Response(status_code=400)  # nobody reads it: the client left while sending its body
+
+
+ERROR_HANDLERS = {APIError: on_error, OdloraError: on_error, HTTPException: on_http_error,
+                  ClientDisconnect: on_disconnect, Exception: on_error}
+
+
+def build_app(rt: Runtime, access: Access, settings: ServerSettings, generations: Generations,
+              webapp=None) -> Starlette:
+    routes = OpenAIRoutes(rt, generations).routes() + (webapp.routes() if webapp is not None else [])
+    app = Starlette(routes=routes, middleware=[Middleware(Guard, access=access)], exception_handlers=ERROR_HANDLERS)
+    app.state.settings = settings
+    return app
+
+
+# -- the connection and the process ---------------------------------------------------------------------
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 connection, plus a deadline for each request's head (request line and headers):
+    uvicorn times out an idle keep-alive connection, but waits forever on one that connects and then
+    sends nothing, or its headers a byte at a time."""
+
+    def __init__(self, *args, head_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_timeout, self.head_deadline = head_timeout, None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.head_deadline = self.loop.call_later(self.head_timeout, self.head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not None and not self.cycle.response_complete:  # a request is in: its head arrived
+            self.cancel_head_deadline()
+        elif self.head_deadline is None:  # the first bytes of the next request on a kept-alive connection
+            self.head_deadline = self.loop.call_later(self.head_timeout, self.head_timed_out)
+
+    def connection_lost(self, exc) -> None:
+        self.cancel_head_deadline()
+        super().connection_lost(exc)
+
+    def cancel_head_deadline(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def head_timed_out(self) -> None:
+        self.head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+class QuietPolls:
+    """A logging filter: the page polls a job twice a second; its answers stay out of the access log."""
+
+    def filter(self, record) -> bool:
+        _client, method, path, _version, status = record.args
+        return not (method == "GET" and path.startswith("/odlora/jobs/") and status == 200)
+
+
+# `odlora serve`'s log: one line per request and uvicorn's warnings on stderr; nothing at start-up
+# (the command says where it listens itself).
+LOG_CONFIG = {
+    "version": 1, "disable_existing_loggers": False,
+    "filters": {"polls": {"()": QuietPolls}},
+    "formatters": {"access": {"()": "uvicorn.logging.AccessFormatter", "use_colors": False,
+                              "fmt": '%(client_addr)s "%(request_line)s" %(status_code)s'},
+                   "plain": {"format": "odlora serve: %(message)s"}},
+    "handlers": {"access": {"class": "logging.StreamHandler", "formatter": "access", "filters": ["polls"]},
+                 "plain": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {"uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+                "uvicorn.error": {"handlers": ["plain"], "level": "WARNING", "propagate": False}},
+}
+
+
+class OpenAIServer:
+    """uvicorn serving the app on a socket that listens from construction on, so that port 0 is known
+    at once and a client that connects before `serve_forever()` waits in the backlog."""
+
+    def __init__(self, app: Starlette, sock: socket.socket, settings: ServerSettings, generations: Generations,
+                 access_log: bool):
+        self.app, self.sock, self.generations = app, sock, generations
+        config = uvicorn.Config(app, http=functools.partial(HeadDeadline, head_timeout=settings.head_timeout),
+                                lifespan="off", backlog=settings.backlog, proxy_headers=False,
+                                timeout_keep_alive=settings.keep_alive_timeout,
+                                h11_max_incomplete_event_size=settings.max_head_bytes,
+                                timeout_graceful_shutdown=settings.shutdown_timeout, server_header=False,
+                                headers=[("Server", "odlora")], access_log=access_log,
+                                log_config=LOG_CONFIG if access_log else None)
+        self.uvicorn = uvicorn.Server(config)
+        self._serving, self._stopped = threading.Event(), threading.Event()
 
     @property
     def root(self) -> str:
         """Where the server listens (the web demo's page, when it has one)."""
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     @property
     def url(self) -> str:
         """The base URL of OpenAI's API here."""
         return f"{self.root}/v1"
 
+    def serve_forever(self) -> None:
+        """Serve until `shutdown()` (from another thread) or, in the main thread, SIGINT/SIGTERM
+        (uvicorn then raises the signal again once stopped: Ctrl-C ends as a KeyboardInterrupt)."""
+        self._serving.set()
+        try:
+            self.uvicorn.run(sockets=[self.sock])
+        finally:
+            self._stopped.set()
 
-def build_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000, webapp=None) -> OpenAIServer:
-    """The server, bound but not serving yet: call `serve_forever()` (port 0 binds a free port; see `.url`).
-    `webapp` (a `webapp.WebApp`) adds the demo page and its personalisation jobs."""
+    def shutdown(self) -> None:
+        """Stop serving; returns once `serve_forever()` has."""
+        self.uvicorn.should_exit = True
+        if self._serving.is_set():
+            self._stopped.wait()
+
+    def server_close(self) -> None:
+        self.sock.close()
+        self.generations.close()
+
+
+def listen(host: str, port: int, backlog: int) -> socket.socket:
     try:
-        return OpenAIServer((host, port), rt, webapp)
-    except OSError as e:
-        raise OdloraError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family, backlog=backlog)
+    except (OSError, OverflowError) as e:
+        raise OdloraError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def build_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000, webapp=None,
+                 settings: ServerSettings = ServerSettings(), access: Optional[Access] = None,
+                 access_log: bool = False) -> OpenAIServer:
+    """The server, listening but not serving yet: call `serve_forever()` (port 0 binds a free port;
+    see `.url`). `webapp` (a `webapp.WebApp`) adds the demo page and its personalisation jobs;
+    `access` who may call (default: loopback Host names, no API key; see `access.Access.build`);
+    `access_log` logs each request on stderr (`odlora serve`)."""
+    access = access or Access.build(host)
+    generations = Generations(settings)
+    app = build_app(rt, access, settings, generations, webapp)
+    return OpenAIServer(app, listen(host, port, settings.backlog), settings, generations, access_log)

@@ -17,12 +17,13 @@ the next request. When the data is a shipped sample's train split, it also score
 that task's test split, base and adapter. One job runs at a time (another is a 409).
 
 Data comes from the server's own disk: a shipped sample, a `.txt` / `.jsonl` file (a regular file,
-read, never run) or the text of an uploaded file, saved under the work directory.
+read, never run) or the text of an uploaded file, saved under the work directory. The server's
+`access.Guard` has checked every request's Host, Origin and API key before these routes see it; a
+job must also be sent as JSON, which a plain HTML form cannot do.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import threading
 import time
@@ -32,7 +33,13 @@ from dataclasses import dataclass, field as dataclass_field
 from importlib import resources
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from ..demo import BLOB_SUFFIX, task_answers
 from ..errors import OdloraError
@@ -42,7 +49,8 @@ from ..personalize import PersonalizeConfig, personalize
 from ..samples import SAMPLE_TASKS, exact_match, load_examples, sample_path
 from ..train import TrainConfig
 from .engine import Runtime
-from .server import APIError, field, read_json
+from .openai_schema import APIError, Schema, parse_body
+from .server import FiniteJSONResponse, read_body
 
 WEB_PACKAGE = "ondevice_lora.web"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -50,13 +58,12 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 # The page loads nothing from elsewhere, and the browser holds it to that.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")  # an adapter id that is also a safe file name
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}"  # an adapter id that is also a safe file name
 DATA_SUFFIXES = (".txt", ".jsonl")
 MAX_DATA_BYTES = 64 * 2**20
 MAX_STEPS = 2000
 MAX_EVAL_EXAMPLES = 100
 FINISHED = ("done", "failed")
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 # -- the page ----------------------------------------------------------------------------------------
@@ -76,28 +83,39 @@ def static_file(route: str) -> Optional[tuple[bytes, str]]:
     return files[name].read_bytes(), CONTENT_TYPES[Path(name).suffix]
 
 
-def check_same_site(handler) -> None:
-    """Refuse a job request that another web site's page could have sent to this loopback server:
-    a cross-origin POST (CSRF), a body that is not JSON (which a form can send without asking),
-    or a Host that is not loopback while the server listens on loopback (DNS rebinding)."""
-    host = handler.headers.get("Host", "")
-    origin = handler.headers.get("Origin")
-    if origin is not None and urlsplit(origin).netloc != host:
-        raise APIError(403, f"cross-origin request from {origin} refused", code="forbidden")
-    if handler.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+def check_json(request: Request) -> None:
+    """A job must come as JSON: a body type that a page of another site cannot send without the
+    browser asking this server first (a form can send text/plain unasked)."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise APIError(415, "send the job as Content-Type: application/json", code="unsupported_media_type")
-    if is_loopback(handler.server.server_address[0]) and urlsplit(f"//{host}").hostname not in LOOPBACK_NAMES:
-        raise APIError(403, f"Host {host!r} is not this loopback server", code="forbidden")
-
-
-def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return address == "localhost"
 
 
 # -- a job -------------------------------------------------------------------------------------------
+
+class Upload(Schema):
+    filename: str
+    text: str
+
+
+class JobRequest(Schema):
+    """A job request's body; its data is exactly one of `sample`, `path` or `upload` (see `read_job`)."""
+
+    name: str
+    steps: int = Field(40, ge=1, le=MAX_STEPS)
+    rank: Optional[int] = None  # default: 8, or the export's slot rank when smaller
+    eval_examples: int = Field(20, ge=0, le=MAX_EVAL_EXAMPLES)
+    sample: Optional[str] = None
+    path: Optional[str] = None
+    upload: Optional[Upload] = None
+
+    @field_validator("name")
+    @classmethod
+    def adapter_id(cls, name: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, name) or name == "base":
+            raise PydanticCustomError("invalid_value", "use 1-40 letters, digits, '_', '-' or '.', starting with a "
+                                                       "letter or digit, and not `base`")
+        return name
+
 
 @dataclass
 class JobSpec:
@@ -158,48 +176,40 @@ class Job:
                     "seconds": self.seconds if self.seconds is not None else time.time() - self.started}
 
 
-def read_job(body: dict, rt: Runtime) -> JobSpec:
-    """The job a request asks for, every field checked (a 400 naming the field otherwise)."""
-    name = field(body, "name", str)
-    if not NAME.fullmatch(name) or name == "base":
-        raise APIError(400, f"'name' {name!r}: use 1-40 letters, digits, '_', '-' or '.', starting with a letter or "
-                            f"digit, and not `base`", param="name", code="invalid_value")
+def read_job(body: JobRequest, rt: Runtime) -> JobSpec:
+    """The job a request asks for, checked against this export and this machine (a 400 naming the
+    field otherwise; `JobRequest` has checked the types and fixed ranges)."""
     max_rank = rt.manifest["slots"]["max_rank"]
-    steps = bounded(body, "steps", 40, MAX_STEPS)
-    rank = bounded(body, "rank", min(8, max_rank), max_rank, why=" (the export's adapter slots)")
-    eval_examples = bounded(body, "eval_examples", 20, MAX_EVAL_EXAMPLES, low=0)
-    sources = [key for key in ("sample", "path", "upload") if body.get(key) is not None]
+    rank = min(8, max_rank) if body.rank is None else body.rank
+    if not 1 <= rank <= max_rank:
+        raise APIError(400, f"'rank' must be from 1 to {max_rank} (the export's adapter slots), got {rank}",
+                       param="rank", code="invalid_value")
+    sources = [key for key in ("sample", "path", "upload") if getattr(body, key) is not None]
     if len(sources) != 1:
         raise APIError(400, "give the data as exactly one of 'sample', 'path' or 'upload'", param="path",
                        code="invalid_value")
-    spec = JobSpec(name, None, steps, rank, eval_examples, None)
-    if sources[0] == "upload":
-        spec.upload = read_upload(field(body, "upload", dict))
+    spec = JobSpec(body.name, None, body.steps, rank, body.eval_examples, None)
+    if body.upload is not None:
+        spec.upload = read_upload(body.upload)
         return spec
-    if sources[0] == "sample":
-        task = field(body, "sample", str)
-        if task not in SAMPLE_TASKS:
-            raise APIError(400, f"'sample' {task!r} is not one of {', '.join(SAMPLE_TASKS)}", param="sample",
+    if body.sample is not None:
+        if body.sample not in SAMPLE_TASKS:
+            raise APIError(400, f"'sample' {body.sample!r} is not one of {', '.join(SAMPLE_TASKS)}", param="sample",
                            code="invalid_value")
-        spec.data = sample_path(task, "train")
+        spec.data = sample_path(body.sample, "train")
     else:
-        spec.data = data_file(field(body, "path", str))
+        spec.data = data_file(body.path)
     spec.task = next((t for t in SAMPLE_TASKS if sample_path(t, "train").resolve() == spec.data), None)
     return spec
-
-
-def bounded(body: dict, name: str, default: int, high: int, low: int = 1, why: str = "") -> int:
-    value = field(body, name, int, default)
-    if not low <= value <= high:
-        raise APIError(400, f"{name!r} must be from {low} to {high}{why}, got {value}", param=name,
-                       code="invalid_value")
-    return value
 
 
 def data_file(path: str) -> Path:
     """A training file on this machine: a regular .txt or .jsonl file of sane size (never a
     directory, device or pipe)."""
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop, no such user for ~
+        raise APIError(400, f"'path' {path!r}: {e}", param="path", code="invalid_value") from None
     if resolved.suffix not in DATA_SUFFIXES:
         raise APIError(400, f"'path' {path!r}: the data must be a {' or '.join(DATA_SUFFIXES)} file", param="path",
                        code="invalid_value")
@@ -211,11 +221,8 @@ def data_file(path: str) -> Path:
     return resolved
 
 
-def read_upload(upload: dict) -> tuple[str, str]:
-    filename, text = upload.get("filename"), upload.get("text")
-    if not isinstance(filename, str) or not isinstance(text, str):
-        raise APIError(400, "'upload' must be {\"filename\": string, \"text\": string}", param="upload",
-                       code="invalid_type")
+def read_upload(upload: Upload) -> tuple[str, str]:
+    filename, text = upload.filename, upload.text
     suffix = Path(filename).suffix
     if suffix not in DATA_SUFFIXES:
         raise APIError(400, f"'upload' {filename!r}: the data must be a {' or '.join(DATA_SUFFIXES)} file",
@@ -237,21 +244,32 @@ class WebApp:
         self.scores: dict[str, dict] = {}  # adapter id -> exact match on its sample task
         self._lock = threading.Lock()
 
-    def handle(self, handler, method: str, route: str) -> bool:
-        """Answer the request if `route` is one of ours; False if it is not."""
-        if method == "GET" and (page := static_file(route)) is not None:
-            handler.send_bytes(200, *page, headers=PAGE_HEADERS)
-        elif method == "GET" and route == "/odlora/state":
-            handler.send_json(200, self.state())
-        elif method == "GET" and route.startswith("/odlora/jobs/"):
-            handler.quiet = True  # the page polls twice a second while a job runs
-            handler.send_json(200, self.job(route[len("/odlora/jobs/"):]).to_dict())
-        elif method == "POST" and route == "/odlora/jobs":
-            check_same_site(handler)
-            handler.send_json(202, self.start(read_job(read_json(handler.read_body()), self.rt)).to_dict())
-        else:
-            return False
-        return True
+    def routes(self) -> list[Route]:
+        """The page's routes, for the server (`server.build_app`)."""
+        return [Route("/", self.page, methods=["GET"]), Route("/app", self.page, methods=["GET"]),
+                Route("/app/{name}", self.page, methods=["GET"]),
+                Route("/odlora/state", self.get_state, methods=["GET"]),
+                Route("/odlora/jobs", self.post_job, methods=["POST"]),
+                Route("/odlora/jobs/{job_id}", self.get_job, methods=["GET"])]
+
+    async def page(self, request: Request) -> Response:
+        page = static_file(request.url.path.rstrip("/"))
+        if page is None:
+            raise APIError(404, f"no page file {request.url.path}", code="not_found")
+        content, media_type = page
+        return Response(content, media_type=media_type, headers=PAGE_HEADERS)
+
+    async def get_state(self, request: Request) -> Response:
+        return FiniteJSONResponse(self.state())
+
+    async def get_job(self, request: Request) -> Response:
+        return FiniteJSONResponse(self.job(request.path_params["job_id"]).to_dict())
+
+    async def post_job(self, request: Request) -> Response:
+        check_json(request)
+        spec = read_job(parse_body(JobRequest, await read_body(request)), self.rt)
+        job = await run_in_threadpool(self.start, spec)  # it may save an upload: off the event loop
+        return FiniteJSONResponse(job.to_dict(), status_code=202)
 
     def state(self) -> dict:
         manifest = self.rt.manifest

@@ -35,17 +35,23 @@ GREEDY = SamplingConfig(max_new_tokens=8)
 MESSAGES = [{"role": "user", "content": PROMPT}]
 
 
+BUILT: dict = {}  # the tiny export, built once per session for every module that imports `tiny_export`
+
+
 @pytest.fixture(scope="module")
 def tiny_export(tiny_model_factory, tmp_path_factory):
-    """A tiny fp32 ONNX export (r<=8, 64-token cache) and adapters a and b packed for it."""
-    root = tmp_path_factory.mktemp("serve")
-    base_dir = tiny_model_factory("llama")
-    export(str(base_dir), "onnx", root / "onnx", max_rank=8, max_seq_len=MAX_SEQ, say=quiet)
-    blobs = {}
-    for name in ("a", "b"):
-        blobs[name] = root / f"{name}.onnx_adapter"
-        pack(make_adapter(base_dir, root / f"adapter-{name}", *ADAPTERS[name]), root / "onnx", blobs[name])
-    return root / "onnx", blobs
+    """A tiny fp32 ONNX export (r<=8, 64-token cache) and adapters a and b packed for it (shared:
+    test_serve_abuse, test_web and test_chat import this fixture; copy a file before changing it)."""
+    if "onnx" not in BUILT:
+        root = tmp_path_factory.mktemp("serve")
+        base_dir = tiny_model_factory("llama")
+        export(str(base_dir), "onnx", root / "onnx", max_rank=8, max_seq_len=MAX_SEQ, say=quiet)
+        blobs = {}
+        for name in ("a", "b"):
+            blobs[name] = root / f"{name}.onnx_adapter"
+            pack(make_adapter(base_dir, root / f"adapter-{name}", *ADAPTERS[name]), root / "onnx", blobs[name])
+        BUILT["onnx"] = root / "onnx", blobs
+    return BUILT["onnx"]
 
 
 def open_runtime(tiny_export, **kw) -> Runtime:
@@ -62,9 +68,9 @@ def rt(tiny_export):
 
 
 @contextmanager
-def serving(rt):
-    """The server on a free loopback port, in a thread; yields its base URL (…/v1)."""
-    server = build_server(rt, "127.0.0.1", 0)
+def serving(rt, **kw):
+    """The server (build_server's keywords) on a free loopback port, in a thread; yields its base URL (…/v1)."""
+    server = build_server(rt, "127.0.0.1", 0, **kw)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -72,6 +78,8 @@ def serving(rt):
     finally:
         server.shutdown()
         server.server_close()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +184,14 @@ BAD = {
     "missing messages": ("/chat/completions", {"model": "a"}, 400, "messages", "missing_required_parameter"),
     "missing model": ("/completions", {"prompt": PROMPT}, 400, "model", "missing_required_parameter"),
     "wrong type": ("/chat/completions", chat_body("a", max_tokens="ten"), 400, "max_tokens", "invalid_type"),
-    "bad message": ("/chat/completions", {"model": "a", "messages": [{"content": 1}]}, 400, "messages", "invalid_type"),
+    "message without a role": ("/chat/completions", {"model": "a", "messages": [{"content": 1}]}, 400,
+                               "messages[0].role", "missing_required_parameter"),
+    "message content a number": ("/chat/completions", {"model": "a", "messages": [{"role": "user", "content": 1}]},
+                                 400, "messages[0].content", "invalid_type"),
+    "no messages": ("/chat/completions", {"model": "a", "messages": []}, 400, "messages", "invalid_value"),
     "prompt too long": ("/completions", {"model": "a", "prompt": PROMPT * 20}, 400, None, None),
-    "bad temperature": ("/chat/completions", chat_body("a", temperature=-1), 400, None, None),
+    "bad temperature": ("/chat/completions", chat_body("a", temperature=-1), 400, "temperature", "invalid_value"),
+    "n of 2": ("/chat/completions", chat_body("a", n=2), 400, "n", "unsupported_value"),
     "no such route": ("/embeddings", {"model": "a"}, 404, None, "not_found"),
 }
 
