@@ -9,6 +9,7 @@ what is generated.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -270,16 +271,27 @@ def test_serve_help_explains_itself():
         assert words in result.output, words
 
 
-def test_serve_command_says_where_it_listens_and_stops_on_ctrl_c(tiny_export):
+@contextmanager
+def serve_process(tiny_export, *flags, env=None):
+    """`odlora serve` on a free port with adapters dates (a) and b; yields (process, its first line)."""
     export_dir, blobs = tiny_export
     process = subprocess.Popen([sys.executable, "-m", "ondevice_lora", "serve", "--export", export_dir, "--port", "0",
-                                "--adapter", f"dates={blobs['a']}", "--adapter", blobs["b"]],
+                                "--adapter", f"dates={blobs['a']}", "--adapter", blobs["b"], *flags],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})},
                                # A shell starts background jobs with SIGINT ignored, and a child
                                # inherits that: give the server the terminal's default, as a user's has.
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    result = {}
     try:
-        line = process.stdout.readline()
+        yield process, process.stdout.readline(), result
+    finally:
+        process.send_signal(signal.SIGINT)
+        result["out"], result["err"] = process.communicate(timeout=30)
+
+
+def test_serve_command_says_where_it_listens_and_stops_on_ctrl_c(tiny_export):
+    with serve_process(tiny_export) as (process, line, result):
         pattern = r"odlora serve: listening on http://127\.0\.0\.1:\d+/v1 \(models: base, b, dates\)\n"
         assert re.fullmatch(pattern, line), line + process.stderr.read()
         status, body = call(line.split()[4], "/models")
@@ -288,7 +300,50 @@ def test_serve_command_says_where_it_listens_and_stops_on_ctrl_c(tiny_export):
         assert page == f"odlora serve: web demo on {line.split()[4].removesuffix('/v1')}/\n", page
         with urllib.request.urlopen(page.split()[-1], timeout=30) as response:  # the demo page (tests/test_web.py)
             assert response.headers["Content-Type"].startswith("text/html")
-    finally:
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
-    assert process.returncode == 0 and "odlora serve: stopped" in err
+    assert process.returncode == 0 and "odlora serve: stopped" in result["err"]
+    assert re.search(r'127\.0\.0\.1:\d+ "GET /v1/models HTTP/1\.1" 200', result["err"]), result["err"]  # access log
+
+
+def test_serve_command_with_an_api_key_and_an_allowed_host(tiny_export):
+    key = "k3y-from-the-environment"
+    with serve_process(tiny_export, "--allow-host", "phone.local", env={"ODLORA_API_KEY": key}) as (process, line, _):
+        url = line.split()[4]
+        process.stdout.readline()  # the web demo's address
+        assert "needs the API key" in process.stdout.readline() and key not in line
+        for headers, status in (({}, 401), ({"Authorization": "Bearer nope"}, 401),
+                                ({"Authorization": f"Bearer {key}"}, 200),
+                                ({"Authorization": f"Bearer {key}", "Host": "phone.local:8000"}, 200),
+                                ({"Authorization": f"Bearer {key}", "Host": "other.local"}, 403)):
+            request = urllib.request.Request(url + "/models", headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    got = response.status
+            except urllib.error.HTTPError as e:
+                got = e.code
+            assert got == status, headers
+
+
+BAD_SERVE_FLAGS = {
+    # name -> (flags, what the error names)
+    "an empty API key": (["--api-key", ""], "--api-key"),
+    "an API key with a space": (["--api-key", "two words"], "--api-key"),
+    "a non-ASCII API key": (["--api-key", "clé"], "--api-key"),
+    "an allowed host with a scheme": (["--allow-host", "http://evil.example/"], "--allow-host"),
+    "an allowed host with a port": (["--allow-host", "evil.example:80"], "--allow-host"),
+    "a port over 65535": (["--port", "99999"], "--port"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SERVE_FLAGS))
+def test_serve_refuses_bad_flags_before_loading(tiny_export, tmp_path, monkeypatch, capsys, case):
+    from ondevice_lora.cli import main
+
+    flags, named = BAD_SERVE_FLAGS[case]
+    monkeypatch.setattr(sys, "argv", ["odlora", "serve", "--export", str(tiny_export[0]), "--work",
+                                      str(tmp_path / "work"), *flags])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and named in err and "Traceback" not in err, err
+    if named != "--port":  # click's own usage errors are the CLI's business (tests/test_bad_input.py)
+        assert err.count("\n") == 1 and err.startswith("odlora: error: "), err

@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -58,15 +59,15 @@ def served(tiny_export, tmp_path_factory):
         server.server_close()
 
 
-def request(url: str, body=None, headers=None) -> tuple[int, dict, bytes]:
-    """(status, headers, body) of a GET, or of a POST of a dict as JSON."""
+def request(url: str, body=None, headers=None) -> tuple[int, Message, bytes]:
+    """(status, headers (names in any case), body) of a GET, or of a POST of a dict as JSON."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json", **(headers or {})} if body is not None else {}
     try:
         with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=30) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def post_job(root: str, body: dict, **headers) -> tuple[int, dict]:
