@@ -129,7 +129,7 @@ class Completion:
 def resolve_model(rt: Runtime, model: str) -> list:
     """The adapter blend `model` names; a name that is no model here is OpenAI's 404."""
     try:
-        return normalise(parse_label(model), 1.0, rt.adapters)
+        return normalise(parse_label(model), 1.0, dict(rt.adapters))  # a copy: a web job may add one meanwhile
     except OdloraError as e:
         raise APIError(404, f"the model {model!r} does not exist: {e}", param="model", code="model_not_found") from None
 
@@ -396,6 +396,8 @@ class QuietPolls:
     """A logging filter: the page polls a job twice a second; its answers stay out of the access log."""
 
     def filter(self, record) -> bool:
+        if not (isinstance(record.args, tuple) and len(record.args) == 5):  # not uvicorn's access line
+            return True
         _client, method, path, _version, status = record.args
         return not (method == "GET" and path.startswith("/odlora/jobs/") and status == 200)
 
@@ -464,8 +466,9 @@ class OpenAIServer:
 
 
 def listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket: IPv6 for an IPv6 address, else IPv4 (`localhost` is 127.0.0.1, as before)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         return socket.create_server((host, port), family=family, backlog=backlog)
     except (OSError, OverflowError) as e:
         raise OdloraError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None

@@ -279,6 +279,15 @@ def test_an_idle_keep_alive_connection_is_closed(port):
     conn.close()
 
 
+def test_a_head_growing_past_its_limit_is_a_400(rt, port):
+    """An unfinished head is buffered up to max_head_bytes only: past that, a 400 (the head timeout
+    would close the connection without a word)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * ABUSE.max_head_bytes)
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
+    answers_correctly(rt, port)
+
+
 def test_garbage_instead_of_http_is_a_400(rt, port):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
