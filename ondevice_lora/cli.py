@@ -531,7 +531,7 @@ def serve(export_dir, adapters, host, port, allow_hosts, api_key, work_dir, back
 
     \b
     GET  /v1/models              base and each --adapter id
-    POST /v1/chat/completions    {"model", "messages", ...}, with the export's chat template
+    POST /v1/chat/completions    {"model", "messages", ...}, asked as each adapter was trained (chat template or raw)
     POST /v1/completions         {"model", "prompt", ...}, raw text
     GET  /                       the web demo: chat with several models side by side, personalise
 

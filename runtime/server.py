@@ -6,7 +6,8 @@ and pick an adapter per request through `model`.
         "messages": [{"role": "user", "content": "Normalise: March 5th, 2021"}]}'
 
     GET  /v1/models              `base` and every registered adapter id
-    POST /v1/chat/completions    messages, rendered with the export's chat template
+    POST /v1/chat/completions    messages, asked as the adapter was trained (the export's chat template;
+                                 for one trained with `--format raw`, a single user message as raw text)
     POST /v1/completions         a raw prompt (no template)
 
 `model` is `base`, an adapter id, or a blend written as results label one (`a:0.7+b:0.3`).
@@ -89,6 +90,7 @@ class Endpoint:
 
     schema: type
     chat: bool
+    template: Optional[bool]  # Runtime.generate's `chat`: None asks each adapter as it was trained
     object: str
     chunk_object: str
     id_prefix: str
@@ -105,8 +107,8 @@ class Endpoint:
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-CHAT = Endpoint(ChatCompletionRequest, True, "chat.completion", "chat.completion.chunk", "chatcmpl")
-COMPLETIONS = Endpoint(CompletionRequest, False, "text_completion", "text_completion", "cmpl")
+CHAT = Endpoint(ChatCompletionRequest, True, None, "chat.completion", "chat.completion.chunk", "chatcmpl")
+COMPLETIONS = Endpoint(CompletionRequest, False, False, "text_completion", "text_completion", "cmpl")  # raw text
 
 
 @dataclass
@@ -242,9 +244,8 @@ class OpenAIRoutes:
         return JSONResponse(call.envelope(endpoint.object, choices=[choice], usage=usage(result)))
 
     def generate(self, call: Completion, on_text=None) -> GenerationResult:
-        # Completions take raw text; messages always go through the chat template.
         return self.rt.generate(call.body.prompt, adapter=call.adapter, sampling=call.body.sampling(),
-                                on_text=on_text, chat=False)
+                                on_text=on_text, chat=call.endpoint.template)
 
     async def stream(self, call: Completion) -> Response:
         """The answer as server-sent events. The status line waits for the first piece (or the end),

@@ -154,6 +154,24 @@ def test_completion_is_raw_text_and_honours_sampling_fields(rt, url):
     assert body["choices"][0]["finish_reason"] == "stop"
 
 
+def test_chat_asks_each_adapter_as_it_was_trained(tiny_export, tiny_model_factory, tmp_path):
+    """Train as you serve: an adapter trained on raw text (`--format raw`) gets a chat client's one
+    user message as that raw text, not through the chat template."""
+    export_dir, _ = tiny_export
+    adapter = make_adapter(tiny_model_factory("llama"), tmp_path / "r", 5, 4, ADAPTERS["a"][2])
+    meta = json.loads((adapter / "odlora.json").read_text())
+    (adapter / "odlora.json").write_text(json.dumps({**meta, "prompt_format": "raw"}))
+    pack(adapter, export_dir, tmp_path / "r.onnx_adapter")
+    rt = open_runtime(tiny_export)
+    rt.register_adapter("r", tmp_path / "r.onnx_adapter")
+    want = expected(rt, "r", prompt=PROMPT, chat=False)
+    assert want.text != expected(rt, "r", chat=True).text, "the template must change the answer"
+    with serving(rt) as url:
+        status, body = call(url, "/chat/completions", chat_body("r"))
+    assert status == 200 and body["choices"][0]["message"]["content"] == want.text
+    assert body["usage"]["prompt_tokens"] == want.prompt_tokens == len(rt.tokenizer.encode(PROMPT))
+
+
 def test_streamed_chat_concatenates_to_the_same_text(rt, url):
     want = expected(rt, "a")
     content_type, data = events(url, "/chat/completions", chat_body("a", stream_options={"include_usage": True}))
