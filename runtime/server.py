@@ -25,7 +25,8 @@ pages would each have to be switched off or overridden. What makes it hold (limi
 
 - a listen backlog of 2048 (the kernel caps it at net.core.somaxconn), so that a burst of clients
   waits to be accepted instead of being reset;
-- uvicorn closes an idle keep-alive connection after 5 s and refuses request heads over 16 KiB;
+- uvicorn closes an idle keep-alive connection after 5 s and refuses a request head that grows past
+  16 KiB unfinished (h11 buffers no more);
   `HeadDeadline` closes a connection whose request head has not arrived 10 s after it started
   (uvicorn alone waits forever on a client that connects and stalls), and a body must arrive within
   30 s (408) and stay under 4 MiB (413);
@@ -73,11 +74,11 @@ class ServerSettings:
     """How much the server takes, and for how long it waits (seconds)."""
 
     backlog: int = 2048
-    concurrency: int = 4  # generations at once (2-core devices gain nothing from more)
+    concurrency: int = 4  # generations at once, each in a worker thread
     queue: int = 64  # requests that may wait for one of them; one more is a 503
     retry_after: int = 1  # what the 503 tells a client to wait
     max_body_bytes: int = 4 * 2**20  # far more than any prompt an export's KV cache holds
-    max_head_bytes: int = 16 * 2**10  # the request line and headers
+    max_head_bytes: int = 16 * 2**10  # what h11 buffers of an unfinished request line and headers
     head_timeout: float = 10.0
     body_timeout: float = 30.0
     keep_alive_timeout: float = 5.0  # an idle connection between requests
