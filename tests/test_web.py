@@ -29,6 +29,7 @@ pytest.importorskip("onnxscript")
 
 from conftest import training_text  # noqa: E402
 from ondevice_lora.generate import SamplingConfig  # noqa: E402
+from ondevice_lora.runtime.access import Access  # noqa: E402
 from ondevice_lora.runtime.server import build_server  # noqa: E402
 from ondevice_lora.runtime.webapp import WebApp  # noqa: E402
 from test_serve import MESSAGES, open_runtime, tiny_export  # noqa: E402,F401 (tiny_export is a fixture)
@@ -313,3 +314,24 @@ def test_browser_chats_with_two_adapters_and_personalises(browser, served, data_
         page.find(".clear", column).click()
     page.pick(page.find("select.model", columns[1]), "mine")
     assert page.send(text, answers=2) == [[("b", want["b"])], [("mine", answer(rt, MESSAGES, "mine"))]]
+
+
+def test_browser_gets_in_with_the_api_key_once(browser, tiny_export, tmp_path):
+    """With --api-key, the page opened once as /?key=KEY works as without one, and the key leaves the address bar."""
+    rt = open_runtime(tiny_export)
+    server = build_server(rt, "127.0.0.1", 0, webapp=WebApp(rt, tmp_path / "work"),
+                          access=Access.build("127.0.0.1", api_key="page-key-1"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page = Page(browser, tmp_path)
+        browser.get(server.root + "/")
+        assert "invalid_api_key" in browser.page_source  # no key, no page
+        browser.get(server.root + "/?key=page-key-1")
+        page.wait(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
+        assert browser.current_url == server.root + "/"
+        page.type("#max-tokens", str(TOKENS))
+        got = page.send(MESSAGES[0]["content"], answers=2)
+        assert got == [[("base", answer(rt, MESSAGES, None))], [("a", answer(rt, MESSAGES, "a"))]]
+    finally:
+        server.shutdown()
+        server.server_close()
