@@ -69,10 +69,10 @@ def tiny_export(root: Path) -> tuple[Path, list[str]]:
     return root / "onnx", specs
 
 
-def start_server(export_dir: Path, adapters: list[str], work: Path) -> tuple[subprocess.Popen, int, list[str]]:
+def start_server(export_dir: Path, adapters: list[str], work: Path, log) -> tuple[subprocess.Popen, int, list[str]]:
+    """`odlora serve` on a free loopback port, its stderr (the access log) to `log`; (process, port, models)."""
     command = [sys.executable, "-m", "ondevice_lora", "serve", "--export", str(export_dir), "--port", "0",
                "--work", str(work), *[arg for spec in adapters for arg in ("--adapter", spec)]]
-    log = open(work / "server.log", "w")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
     line = process.stdout.readline()  # "odlora serve: listening on http://127.0.0.1:PORT/v1 (models: ...)"
     if not line.startswith("odlora serve: listening on "):
@@ -95,7 +95,9 @@ def rss_mb(pid: int) -> float:
 
 def request_kinds(models: list[str], prompts: list[str], max_tokens: int) -> list[dict]:
     adapters = [m for m in models if m != "base"]
-    blends = [f"{adapters[0]}:0.7+{adapters[1]}:0.3", f"{adapters[0]}:0.5+{adapters[1]}:0.5"] if len(adapters) > 1 else []
+    blends = []
+    if len(adapters) > 1:
+        blends = [f"{adapters[0]}:0.7+{adapters[1]}:0.3", f"{adapters[0]}:0.5+{adapters[1]}:0.5"]
     kinds = []
     for prompt in prompts:
         for model in ["base", *adapters, *blends]:
@@ -213,7 +215,11 @@ def raise_fd_limit(needed: int) -> None:
 
 def run(args, export_dir: Path, adapters: list[str], work: Path) -> dict:
     raise_fd_limit(2 * args.stalled + 256)
-    process, port, models = start_server(export_dir, adapters, work)
+    with open(work / "server.log", "w") as log:
+        return load_server(args, *start_server(export_dir, adapters, work, log))
+
+
+def load_server(args, process: subprocess.Popen, port: int, models: list[str]) -> dict:
     try:
         kinds = request_kinds(models, args.prompt or PROMPTS, args.max_tokens)
         want = [ask(port, kind, stream=False) for kind in kinds]  # the single-client answers
@@ -259,8 +265,8 @@ def report(result: dict) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n", 2)[2])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tiny", action="store_true", help="Build a tiny random export with adapters a and b.")
     source.add_argument("--export", type=Path, help="An `odlora export` directory (or bundle).")

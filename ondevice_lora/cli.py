@@ -521,8 +521,8 @@ def run_cmd(export_dir, adapters, prompt, backend, chat, as_json, sampling):
               help="Also answer requests whose Host header names NAME (any port), e.g. this machine's name on the "
                    "network; repeatable. Loopback names and the --host address are always answered.")
 @click.option("--api-key", envvar="ODLORA_API_KEY", default=None, metavar="KEY",
-              help="Require `Authorization: Bearer KEY` on every route (default: env ODLORA_API_KEY; none: no key). "
-                   "The web page: open /?key=KEY once.")
+              help="Require `Authorization: Bearer KEY` on every route (default: env ODLORA_API_KEY, which, unlike "
+                   "the flag, other users' `ps` cannot see; none: no key). The web page: open /?key=KEY once.")
 @click.option("--work", "work_dir", default=Path("odlora-web"), show_default=True, type=click.Path(path_type=Path),
               help="Where the web demo's personalisation jobs write adapters, packed blobs and uploads.")
 @backend_option
