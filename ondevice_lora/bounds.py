@@ -78,9 +78,10 @@ def check_fields(obj, bounds: dict[str, Bound], names: Optional[dict[str, str]] 
 
 # -- the bounds ---------------------------------------------------------------------------------
 # Why these limits: a rank above 256 is never low-rank for the bases we load (hidden sizes of
-# 576-4096) and its adapter is as big as a fine-tune; above an lr of 1 AdamW diverges at once;
-# temperature follows OpenAI's 0-2; seeds are what torch.Generator takes and JSON clients can
-# send exactly (int64); a port is 16 bits.
+# 576-4096) and its adapter is as big as a fine-tune; AdamW diverges at once well below an lr of
+# 10 (tests/test_personalize.py uses 5 to make it), so more is a typo (1e3 for 1e-3); 1024
+# threads is more cores than any machine this runs on; temperature follows OpenAI's 0-2; seeds
+# are what torch.Generator takes and JSON clients can send exactly (int64); a port is 16 bits.
 
 MAX_RANK = 256
 MAX_THREADS = 1024
@@ -91,7 +92,7 @@ POSITIVE_INT = Bound(1, integer=True)  # batch size, grad accumulation, steps, m
 NON_NEGATIVE_INT = Bound(0, integer=True)  # eval/save-every, early-stopping, top-k (0: off)
 ALPHA = Bound(0, low_open=True)
 DROPOUT = Bound(0, 1, high_open=True)
-LR = Bound(0, 1, low_open=True)
+LR = Bound(0, 10, low_open=True)
 EPOCHS = Bound(0, 10_000, low_open=True)
 VAL_SPLIT = Bound(0, 0.5)  # a validation split above half leaves too little to train on
 SEQ_LEN = Bound(8, integer=True)  # training rows: shorter ones hold no prompt and answer

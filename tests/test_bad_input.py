@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIG
+from test_cli import run_cli
 from ondevice_lora import cli
 from ondevice_lora.bounds import RANK, SEED, TEMPERATURE, Bound
 from ondevice_lora.capacity import activation_bytes_per_token, check_training_memory
@@ -92,8 +93,8 @@ BAD = [
     ("personalize", "--dropout nan", ["--dropout"]),
     ("personalize", "--lr nan", ["--lr", "nan"]),
     ("personalize", "--lr inf", ["--lr", "inf"]),
-    ("personalize", "--lr 0", ["--lr", "> 0 and <= 1"]),
-    ("personalize", "--lr 5", ["--lr"]),
+    ("personalize", "--lr 0", ["--lr", "> 0 and <= 10"]),
+    ("personalize", "--lr 1e3", ["--lr", "1000"]),
     ("personalize", "--epochs nan", ["--epochs", "nan"]),
     ("personalize", "--epochs 0", ["--epochs"]),
     ("personalize", "--epochs inf", ["--epochs"]),
@@ -248,18 +249,6 @@ def onnx_export(world):
     return out
 
 
-def run_in_process(monkeypatch, capsys, argv: list[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["odlora", *argv])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def run_process(argv: list[str], cwd: Path) -> tuple[int, str, str]:
     done = subprocess.run([sys.executable, "-m", "ondevice_lora", *argv], cwd=cwd, capture_output=True, text=True,
                           timeout=PROC_TIMEOUT_S)
@@ -282,7 +271,7 @@ def test_bad_input_is_one_clean_line(row, world, request, tmp_path, monkeypatch,
     if mode == [PROC]:
         code, out, err = run_process(argv, tmp_path)
     else:
-        code, out, err = run_in_process(monkeypatch, capsys, argv)
+        code, out, err = run_cli(monkeypatch, capsys, *argv)
         assert time.perf_counter() - started < LIMIT_S
     lines = err.strip().splitlines()
     assert code == 2, err
@@ -306,8 +295,8 @@ def test_the_table_covers_every_command():
 def test_a_symlink_the_user_names_is_read(world, tmp_path, monkeypatch, capsys):
     link = tmp_path / "mine.jsonl"
     link.symlink_to(world["data"])
-    code, out, err = run_in_process(monkeypatch, capsys, ["personalize", "--base", str(world["base"]), "--data",
-                                                          str(link), "--out", str(tmp_path / "out"), "--dry-run"])
+    code, out, err = run_cli(monkeypatch, capsys, "personalize", "--base", world["base"], "--data", link,
+                               "--out", tmp_path / "out", "--dry-run")
     assert code == 0, err
     assert "model.layers.0.self_attn.q_proj" in out.splitlines()
 
