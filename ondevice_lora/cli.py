@@ -300,7 +300,7 @@ def generate(base, prompt, adapters, chat, sampling):
         adapter = load_weighted_adapters(adapters, loaded.fingerprint)
         attach_adapter(loaded.model, adapter)
         trained = adapter.prompt_format
-    ids = encode_prompt(loaded.tokenizer, prompt, chat=asks_chat(trained, chat, " + ".join(adapters) or "base"))
+    ids = encode_prompt(loaded.tokenizer, prompt, chat=asks_chat(trained, chat, " + ".join(path for path, _ in adapters) or "base"))
     generate_text(loaded.model, loaded.tokenizer, ids, sampling, stop_token_ids(loaded.tokenizer, loaded.config),
                   write_stdout)
     sys.stdout.write("\n")
