@@ -301,6 +301,22 @@ def test_a_symlink_the_user_names_is_read(world, tmp_path, monkeypatch, capsys):
     assert "model.layers.0.self_attn.q_proj" in out
 
 
+def test_an_unreadable_file_is_one_line(world, tmp_path, monkeypatch, capsys):
+    """Permissions: simulated, since these tests may run as root (who reads every file)."""
+    class Unreadable:  # the os module as user_files sees it, but every open() is refused
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def open(self, path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("ondevice_lora.user_files.os", Unreadable())
+    code, out, err = run_cli(monkeypatch, capsys, "personalize", "--base", world["base"], "--data", world["data"],
+                             "--out", tmp_path / "out")
+    assert code == 2 and err.strip().splitlines() == [f"odlora: error: {world['data']}: cannot open (Permission denied)"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_chat_warns_on_stdin_that_is_not_utf8(onnx_export, tmp_path):
     done = subprocess.run([sys.executable, "-m", "ondevice_lora", "chat", "--export", str(onnx_export),
                            "--max-new-tokens", "2"], input=b"caf\xe9 au lait\n/quit\n", cwd=tmp_path,
