@@ -55,7 +55,8 @@ class SlotSpec:
             raise OdloraError(f"--max-rank must be >= 1, got {max_rank}")
         unknown = [t for t in targets if t not in PARENT]
         if unknown:
-            raise OdloraError(f"slot target {unknown[0]!r} is not one of {', '.join(PARENT)}")
+            raise OdloraError(f"--targets: {unknown[0]!r} is not a linear that takes adapter slots "
+                              f"(choose from {', '.join(PARENT)})")
         layer0 = model.model.layers[0]
         features = {}
         for t in targets:

@@ -22,6 +22,8 @@ from typing import Optional
 
 import click
 
+from . import bounds
+from .cli_types import EXISTING_DIR, Bounded, Utf8Text, WeightedPath, click_error_line
 from .errors import OdloraError
 from .registry import DEFAULT_BASE
 
@@ -40,12 +42,14 @@ def sampling_options(f):
     """The generation flags shared by `generate`, `run` and `chat`, handed to the command as one
     checked `sampling` (a SamplingConfig), so that bad values fail before anything loads."""
     options = [
-        click.option("--max-new-tokens", default=128, show_default=True, type=int),
-        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 means greedy."),
-        click.option("--top-k", default=0, show_default=True, type=int, help="Sample from the k most likely tokens (0: all)."),
-        click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass."),
-        click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text)."),
-        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+        click.option("--max-new-tokens", default=128, show_default=True, type=Bounded(bounds.POSITIVE_INT)),
+        click.option("--temperature", default=0.0, show_default=True, type=Bounded(bounds.TEMPERATURE),
+                     help="0 means greedy; at most 2."),
+        click.option("--top-k", default=0, show_default=True, type=Bounded(bounds.NON_NEGATIVE_INT),
+                     help="Sample from the k most likely tokens (0: all)."),
+        click.option("--top-p", default=1.0, show_default=True, type=Bounded(bounds.TOP_P), help="Nucleus sampling mass."),
+        click.option("--seed", default=None, type=Bounded(bounds.SEED), help="Seed for sampling (same seed, same text)."),
+        click.option("--stop", multiple=True, type=Utf8Text(), help="Stop when this text appears (repeatable)."),
     ]
 
     @functools.wraps(f)
@@ -80,7 +84,7 @@ def asks_chat(trained: str, chat: Optional[bool], adapter_name: str) -> bool:
 
 
 def export_option(f):
-    return click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path),
+    return click.option("--export", "export_dir", required=True, type=EXISTING_DIR,
                         help="An `odlora export` directory, or an app bundle (`odlora bundle`) with its adapters.")(f)
 
 
@@ -107,24 +111,12 @@ def print_fields(info: dict) -> None:
         click.echo(f"{key:>22}: {value}")
 
 
-def parse_weighted(spec: str) -> tuple[str, float]:
-    """`DIR` or `DIR:WEIGHT` (the weight is the adapter's strength in a blend)."""
-    path, _, weight = spec.rpartition(":")
-    if path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
 def load_weighted_adapters(specs, fingerprint: str):
-    """Load `DIR[:w]` adapters, check each against the base, and blend them into one."""
+    """Load (DIR, weight) adapters (`--adapter DIR[:W]`), check each against the base, and blend them into one."""
     from .adapter import blend, check_base, load_adapter
 
     weighted = []
-    for spec in specs:
-        path, weight = parse_weighted(spec)
+    for path, weight in specs:
         adapter = load_adapter(Path(path))
         check_base(adapter, fingerprint, path)
         weighted.append((adapter, weight))
@@ -228,8 +220,8 @@ def base_info(base_spec, as_json):
 
 @cli.command()
 @base_option
-@click.option("--prompt", required=True, help="The user's text.")
-@click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]",
+@click.option("--prompt", required=True, type=Utf8Text(), help="The user's text.")
+@click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]", type=WeightedPath(),
               help="LoRA adapter directory, optionally with a strength; repeat to blend several.")
 @sampling_options
 @chat_option
@@ -246,7 +238,8 @@ def generate(base, prompt, adapters, chat, sampling):
         adapter = load_weighted_adapters(adapters, loaded.fingerprint)
         attach_adapter(loaded.model, adapter)
         trained = adapter.prompt_format
-    ids = encode_prompt(loaded.tokenizer, prompt, chat=asks_chat(trained, chat, " + ".join(adapters) or "base"))
+    named = " + ".join(path for path, _ in adapters) or "base"
+    ids = encode_prompt(loaded.tokenizer, prompt, chat=asks_chat(trained, chat, named))
     generate_text(loaded.model, loaded.tokenizer, ids, sampling, stop_token_ids(loaded.tokenizer, loaded.config),
                   write_stdout)
     sys.stdout.write("\n")
@@ -260,9 +253,9 @@ def generate(base, prompt, adapters, chat, sampling):
               help=".txt, .jsonl ({text} | {prompt, completion} | {messages}), a directory of them, or a shipped "
                    "sample by name (dates, contacts; dates:test for its test split).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write (PEFT format).")
-@click.option("--rank", default=8, show_default=True, type=int)
-@click.option("--alpha", default=16.0, show_default=True, type=float)
-@click.option("--dropout", default=0.0, show_default=True, type=float)
+@click.option("--rank", default=8, show_default=True, type=Bounded(bounds.RANK))
+@click.option("--alpha", default=16.0, show_default=True, type=Bounded(bounds.ALPHA))
+@click.option("--dropout", default=0.0, show_default=True, type=Bounded(bounds.DROPOUT))
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(rank) instead of alpha/rank.")
 @click.option("--targets", default="all-linear", show_default=True,
               help="qv | attn | all-linear | comma-separated module names (q_proj,v_proj,...).")
@@ -273,32 +266,35 @@ def generate(base, prompt, adapters, chat, sampling):
               help="Compute dtype (default: bf16; fp32 with --engine executorch).")
 @click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "executorch"]),
               help="torch: PyTorch autograd (laptop); executorch: an exported ExecuTorch training program (device).")
-@click.option("--program", default=None, type=click.Path(path_type=Path),
+@click.option("--program", default=None, type=EXISTING_DIR,
               help="--engine executorch: a program from `odlora export --trainable` (default: exported once, cached).")
 @click.option("--format", "prompt_format", default="chat", show_default=True, type=click.Choice(["chat", "raw"]),
               help="How prompt/completion rows are rendered: chat (one user turn and the answer, through the "
                    "base's chat template, as run/serve/chat ask by default) or raw (prompt + completion "
                    "concatenated). Recorded in the adapter; the runtimes ask it the same way.")
-@click.option("--steps", default=None, type=int, help="Optimiser steps (overrides --epochs).")
-@click.option("--epochs", default=None, type=float,
+@click.option("--steps", default=None, type=Bounded(bounds.POSITIVE_INT), help="Optimiser steps (overrides --epochs).")
+@click.option("--epochs", default=None, type=Bounded(bounds.EPOCHS),
               help="Passes over the data (default: 3, but at least 40 steps and at most 20 passes).")
-@click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--grad-accum", default=1, show_default=True, type=int)
-@click.option("--seq-len", default=128, show_default=True, type=int)
-@click.option("--val-split", default=0.1, show_default=True, type=float)
+@click.option("--lr", default=1e-3, show_default=True, type=Bounded(bounds.LR))
+@click.option("--batch-size", default=8, show_default=True, type=Bounded(bounds.POSITIVE_INT))
+@click.option("--grad-accum", default=1, show_default=True, type=Bounded(bounds.POSITIVE_INT))
+@click.option("--seq-len", default=128, show_default=True, type=Bounded(bounds.SEQ_LEN),
+              help="Tokens per packed row (at most the base's context).")
+@click.option("--val-split", default=0.1, show_default=True, type=Bounded(bounds.VAL_SPLIT))
 @click.option("--val-data", default=None, type=click.Path(path_type=Path), help="Held-out data instead of a split.")
 @click.option("--train-on-prompt", is_flag=True, help="Also train on prompt / user tokens.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--eval-every", default=50, show_default=True, type=int, help="Validate every N steps (0: start and end).")
-@click.option("--save-every", default=100, show_default=True, type=int, help="Checkpoint every N steps (0: never).")
-@click.option("--early-stopping", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=Bounded(bounds.SEED))
+@click.option("--eval-every", default=50, show_default=True, type=Bounded(bounds.NON_NEGATIVE_INT),
+              help="Validate every N steps (0: start and end).")
+@click.option("--save-every", default=100, show_default=True, type=Bounded(bounds.NON_NEGATIVE_INT),
+              help="Checkpoint every N steps (0: never).")
+@click.option("--early-stopping", default=0, show_default=True, type=Bounded(bounds.NON_NEGATIVE_INT),
               help="Stop after N validations without improvement (0: never).")
 @click.option("--activation-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="Compile the decoder layers with TorchInductor: faster steps after a one-off compile "
                    "(needs a C++ compiler; pays off on longer runs).")
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--threads", default=None, type=Bounded(bounds.THREADS), help="CPU threads (default: all cores).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint of an interrupted run with the same --out.")
 @click.option("--dry-run", is_flag=True, help="Print the modules LoRA would adapt and the data statistics, then stop.")
 @json_option
@@ -375,7 +371,7 @@ def adapter_pack(adapter_dir, export_dir, out, as_json):
 
 @cli.command()
 @base_option
-@click.option("--adapter", "adapters", multiple=True, required=True, metavar="DIR[:WEIGHT]",
+@click.option("--adapter", "adapters", multiple=True, required=True, metavar="DIR[:WEIGHT]", type=WeightedPath(),
               help="Adapter to merge, optionally with a strength; repeat to merge a blend.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Merged Hugging Face model directory.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -398,16 +394,20 @@ def merge(base, adapters, out, force):
 @click.option("--target", required=True, type=click.Choice(["onnx", "executorch", "coreml"]))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Export directory to write.")
 @click.option("--quant", default=None, help="Weight quantisation of the base (per target; default: the target's first).")
-@click.option("--max-rank", default=16, show_default=True, type=int, help="Largest adapter rank the slots accept.")
+@click.option("--max-rank", default=16, show_default=True, type=Bounded(bounds.RANK),
+              help="Largest adapter rank the slots accept.")
 @click.option("--targets", default="all-linear", show_default=True, help="Which linears get adapter slots.")
-@click.option("--max-seq-len", default=512, show_default=True, type=int, help="KV-cache length.")
+@click.option("--max-seq-len", default=512, show_default=True, type=Bounded(bounds.EXPORT_SEQ_LEN),
+              help="KV-cache length (at most the base's context).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--trainable", is_flag=True, help="executorch: export a LoRA training program instead "
               "(for `personalize --engine executorch --program`), shaped by --rank/--alpha/--targets/--batch-size/--seq-len.")
-@click.option("--rank", default=8, show_default=True, type=int, help="--trainable: LoRA rank.")
-@click.option("--alpha", default=16.0, show_default=True, type=float, help="--trainable: LoRA alpha.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="--trainable: rows per step.")
-@click.option("--seq-len", default=128, show_default=True, type=int, help="--trainable: tokens per row.")
+@click.option("--rank", default=8, show_default=True, type=Bounded(bounds.RANK), help="--trainable: LoRA rank.")
+@click.option("--alpha", default=16.0, show_default=True, type=Bounded(bounds.ALPHA), help="--trainable: LoRA alpha.")
+@click.option("--batch-size", default=8, show_default=True, type=Bounded(bounds.POSITIVE_INT),
+              help="--trainable: rows per step.")
+@click.option("--seq-len", default=128, show_default=True, type=Bounded(bounds.SEQ_LEN),
+              help="--trainable: tokens per row.")
 @json_option
 def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, trainable, rank, alpha, batch_size,
                seq_len, as_json):
@@ -421,8 +421,12 @@ def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, 
         if target != "executorch" or quant not in (None, "none", "int8"):
             raise OdloraError("--trainable exports an ExecuTorch program: use --target executorch "
                               "[--quant none|int8] (the frozen base's weights)")
+        from .capacity import check_seq_len
+
         lora = LoraConfig(rank=rank, alpha=alpha, targets=parse_targets(targets))
-        manifest = export_trainable(load_base(base), out, lora, batch_size, seq_len, force,
+        loaded = load_base(base)
+        check_seq_len(seq_len, loaded.config)
+        manifest = export_trainable(loaded, out, lora, batch_size, seq_len, force,
                                     say=lambda msg: click.echo(msg, err=True), base_quant=quant or "none")
     else:
         manifest = export(base, target, out, quant, max_rank, parse_targets(targets), max_seq_len, force,
@@ -442,12 +446,13 @@ def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, 
               help="Working directory: adapters, exports, packed blobs and demo-state.json.")
 @click.option("--targets", default=None, metavar="LIST",
               help="Runtimes to export for, in order: onnx,executorch (default: both; --quick: onnx).")
-@click.option("--steps", default=None, type=int, help="Training steps per adapter (default: 40; --quick: 20).")
-@click.option("--examples", default=None, type=int,
+@click.option("--steps", default=None, type=Bounded(bounds.POSITIVE_INT),
+              help="Training steps per adapter (default: 40; --quick: 20).")
+@click.option("--examples", default=None, type=Bounded(bounds.POSITIVE_INT),
               help="Held-out test examples per task for exact match (default: 40; --quick: 20).")
 @click.option("--quant", "quants", default=None, metavar="T=Q,...",
               help="Base quantisation per runtime (default: onnx=int4,executorch=fp32, the fastest to export).")
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--threads", default=None, type=Bounded(bounds.THREADS), help="CPU threads (default: all cores).")
 @click.option("--quick", is_flag=True, help="Half the steps and test examples, ONNX only: a first look in minutes.")
 @click.option("--fresh", is_flag=True, help="Redo every stage instead of reusing valid outputs in --out.")
 @json_option
@@ -488,9 +493,9 @@ def demo(base, out, targets, steps, examples, quants, threads, quick, fresh, as_
 
 @cli.command("run")
 @export_option
-@click.option("--adapter", "adapters", multiple=True, metavar="FILE[:WEIGHT]",
+@click.option("--adapter", "adapters", multiple=True, metavar="FILE[:WEIGHT]", type=WeightedPath(),
               help="Packed adapter blob (`odlora adapter pack`), optionally with a weight; repeat to blend several.")
-@click.option("--prompt", required=True, help="The user's text.")
+@click.option("--prompt", required=True, type=Utf8Text(), help="The user's text.")
 @backend_option
 @sampling_options
 @chat_option
@@ -498,9 +503,8 @@ def demo(base, out, targets, steps, examples, quants, threads, quick, fresh, as_
 def run_cmd(export_dir, adapters, prompt, backend, chat, as_json, sampling):
     """Run one request on an exported base with packed adapters; prints the completion, streamed."""
     rt = open_runtime(export_dir, backend)
-    weighted = [parse_weighted(spec) for spec in adapters]
-    ids = register_blobs(rt, [path for path, _ in weighted])
-    blend = [(name, weight) for name, (_, weight) in zip(ids, weighted)] or None
+    ids = register_blobs(rt, [path for path, _ in adapters])
+    blend = [(name, weight) for name, (_, weight) in zip(ids, adapters)] or None
     use_chat = asks_chat(rt.prompt_format(blend), chat, " + ".join(ids) or "base")
     result = rt.generate(prompt, adapter=blend, sampling=sampling, on_text=write_stdout, chat=use_chat)
     sys.stdout.write("\n")
@@ -515,7 +519,7 @@ def run_cmd(export_dir, adapters, prompt, backend, chat, as_json, sampling):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; the loopback default keeps the server to this machine. Listening "
                    "elsewhere, set --api-key.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+@click.option("--port", default=8000, show_default=True, type=Bounded(bounds.PORT),
               help="TCP port (0: any free port).")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also answer requests whose Host header names NAME (any port), e.g. this machine's name on the "
@@ -582,7 +586,7 @@ def chat_cmd(export_dir, adapters, backend, sampling):
 
     rt = open_runtime(export_dir, backend)
     ids = register_blobs(rt, adapters)
-    run_chat(rt, sys.stdin, sys.stdout, sampling, ids[0] if ids else "base")
+    run_chat(rt, sys.stdin.buffer, sys.stdout, sampling, ids[0] if ids else "base")  # bytes: run_chat decodes
 
 
 @cli.command("bundle")
@@ -605,6 +609,8 @@ def bundle_cmd(export_dir, adapters, out, no_base, force, as_json):
 
     pairs = [split_id(spec) for spec in adapters]
     named = [(name or Path(path).name.split(".")[0], Path(path)) for name, path in pairs]
+    for name, _ in named:
+        check_id(name)  # a bundled adapter is asked for by its id, as in `serve`
     manifest = write_bundle(export_dir, named, out, with_base=not no_base, force=force)
     size = sum(f["size"] for f in manifest["files"].values())
     summary = {"bundle": str(out), "kind": manifest["kind"], "target": manifest["target"],
@@ -616,8 +622,8 @@ def bundle_cmd(export_dir, adapters, out, no_base, force, as_json):
 
 
 @cli.command("verify")
-@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
-@click.option("--base", "base_bundle", default=None, type=click.Path(path_type=Path),
+@click.argument("bundle_dir", metavar="BUNDLE", type=EXISTING_DIR)
+@click.option("--base", "base_bundle", default=None, type=EXISTING_DIR,
               help="The installed base bundle an adapter bundle must match.")
 @json_option
 def verify_cmd(bundle_dir, base_bundle, as_json):
@@ -644,5 +650,5 @@ def main():
         click.echo("odlora: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"odlora: error: {click_error_line(e)}", err=True)
         sys.exit(2)

@@ -6,7 +6,8 @@
     for batch in batches(packed, batch_size=4, seed=0, epoch=0):
         model(batch["input_ids"], segment_ids=batch["segment_ids"])  # loss vs batch["targets"]
 
-Accepted files (a directory means every *.txt / *.jsonl directly inside it, sorted):
+Accepted files (a directory means every *.txt / *.jsonl directly inside it, sorted; only regular
+files, no symlinks inside a directory, at most 64 MiB in all; see ``_data_files``):
 
 * ``.txt``: raw text, loss on every token, cut into windows of ``seq_len + 1`` tokens;
 * ``.jsonl``, one object per line, formats may be mixed:
@@ -26,6 +27,8 @@ Targets are shifted here, not in the loss: ``targets[t]`` is the token to predic
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,12 +36,17 @@ from typing import Iterator
 
 import torch
 
+from .bounds import VAL_SPLIT
 from .errors import OdloraError
 from .prompts import has_chat_template, render_chat, resolve_prompt_format
 from .samples import SAMPLE_SPLITS, SAMPLE_TASKS, sample_path
+from .user_files import check_regular, mib, read_regular_file, stat_path
 
 IGNORE = -100  # target value that carries no loss (PyTorch's cross_entropy ignore_index)
 SUFFIXES = (".txt", ".jsonl")
+# All data of one run, as read into memory and tokenised at once: 64 MiB of text is some 15M
+# tokens, far more than personalisation needs (the shipped samples are 60-90 KiB).
+MAX_DATA_BYTES = 64 * 2**20
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -116,22 +124,44 @@ def resolve_data_path(spec) -> Path:
 
 
 def _data_files(path: Path) -> list[Path]:
-    """The files behind ``path``: itself, or the *.txt / *.jsonl directly inside a directory."""
-    if not path.exists():
-        raise OdloraError(f"{path}: no such file or directory")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUFFIXES)
-        if not files:
-            raise OdloraError(f"{path}: directory has no .txt or .jsonl files")
-        return files
-    if path.suffix not in SUFFIXES:
-        raise OdloraError(f"{path}: unsupported file type {path.suffix!r}; expected .txt or .jsonl")
-    return [path]
+    """The files behind ``path``: itself, or the *.txt / *.jsonl directly inside a directory.
+
+    Only regular files (user_files.py: a FIFO would hang, a device never ends). ``path`` itself
+    may be a symlink, since the user named it; a symlink *inside* a data directory is refused, never
+    followed: it could lead out of the directory (to /etc/passwd, say) without the user seeing it.
+    Together the files hold at most MAX_DATA_BYTES.
+    """
+    st = stat_path(path)
+    if not stat.S_ISDIR(st.st_mode):
+        check_regular(path, st, MAX_DATA_BYTES)
+        if path.suffix not in SUFFIXES:
+            raise OdloraError(f"{path}: unsupported file type {path.suffix!r}; expected .txt or .jsonl")
+        return [path]
+    try:
+        entries = sorted((e for e in os.scandir(path) if Path(e.name).suffix in SUFFIXES), key=lambda e: e.name)
+    except OSError as e:
+        raise OdloraError(f"{path}: cannot list the directory ({e.strerror or e})") from None
+    files, total = [], 0
+    for entry in entries:
+        file, st = path / entry.name, stat_path(path / entry.name, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            raise OdloraError(f"{file}: a symlink inside a data directory is not followed; "
+                              f"copy the file in, or give it as the data itself")
+        if stat.S_ISDIR(st.st_mode):
+            continue  # only the files directly inside
+        check_regular(file, st, MAX_DATA_BYTES)
+        files.append(file)
+        total += st.st_size
+    if not files:
+        raise OdloraError(f"{path}: directory has no .txt or .jsonl files")
+    if total > MAX_DATA_BYTES:
+        raise OdloraError(f"{path}: its data files hold {mib(total)}, over the limit of {mib(MAX_DATA_BYTES)}")
+    return files
 
 
 def _read_text(file: Path) -> str:
     """The file decoded as UTF-8 (a BOM is allowed); errors name the line and byte offset."""
-    data = file.read_bytes()
+    data = read_regular_file(file, MAX_DATA_BYTES)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -303,8 +333,7 @@ def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list
 
     With val_fraction > 0 and at least 2 examples, val gets at least one and train keeps one.
     """
-    if not 0 <= val_fraction <= 0.5:
-        raise OdloraError(f"val_fraction must be between 0 and 0.5, got {val_fraction}")
+    VAL_SPLIT.check(val_fraction, "val_fraction")
     n = len(examples)
     n_val = 0 if val_fraction == 0 or n < 2 else min(max(1, round(n * val_fraction)), n - 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()

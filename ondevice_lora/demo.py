@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from .bounds import EXPORT_SEQ_LEN, LR, POSITIVE_INT, RANK, SEED, THREADS, check_fields
 from .errors import OdloraError
 from .lora import TARGET_PRESETS
 from .registry import sha256_file
@@ -73,15 +74,19 @@ class DemoConfig:
             raise OdloraError(f"--targets: choose from {', '.join(TARGETS)} (got {','.join(self.targets) or 'none'})")
         from .exporters.export import target_module
 
+        strangers = sorted(set(self.quant) - set(TARGETS))
+        if strangers:
+            raise OdloraError(f"--quant {strangers[0]}={self.quant[strangers[0]]}: {strangers[0]!r} is not a runtime "
+                              f"(choose from {', '.join(TARGETS)})")
         for target in self.targets:
             quants = target_module(target).QUANTS
             if self.quant.get(target) not in quants:
                 raise OdloraError(f"--quant {target}={self.quant.get(target)}: choose from {', '.join(quants)}")
         for task in self.tasks:
             sample_path(task)  # ValueError on an unknown task
-        for name in ("steps", "eval_examples", "swaps"):
-            if getattr(self, name) < 1:
-                raise OdloraError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, {"steps": POSITIVE_INT, "eval_examples": POSITIVE_INT, "threads": THREADS, "rank": RANK,
+                            "max_rank": RANK, "max_seq_len": EXPORT_SEQ_LEN, "lr": LR, "seed": SEED,
+                            "requests": POSITIVE_INT, "swaps": POSITIVE_INT}, names={"eval_examples": "--examples"})
 
 
 def quick(cfg: DemoConfig) -> DemoConfig:

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .bounds import NON_NEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE, TOP_P, check_fields
 from .errors import OdloraError
 
 
@@ -25,14 +26,11 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)
 
     def validate(self):
-        if self.max_new_tokens < 1:
-            raise OdloraError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise OdloraError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise OdloraError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise OdloraError(f"--top-k must be >= 0, got {self.top_k}")
+        """Every field's range (bounds.py); errors name the flags (top_p: --top-p)."""
+        check_fields(self, {"max_new_tokens": POSITIVE_INT, "temperature": TEMPERATURE, "top_k": NON_NEGATIVE_INT,
+                            "top_p": TOP_P, "seed": SEED})
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise OdloraError(f"--stop: each stop is a non-empty string, got {self.stop!r}")
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator]) -> int:

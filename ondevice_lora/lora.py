@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bounds import ALPHA, DROPOUT, POSITIVE_INT, check_fields
 from .errors import OdloraError
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -42,12 +43,9 @@ class LoraConfig:
     use_rslora: bool = False
 
     def __post_init__(self):
-        if self.rank <= 0:
-            raise OdloraError(f"--rank must be a positive integer, got {self.rank}")
-        if self.alpha <= 0:
-            raise OdloraError(f"--alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise OdloraError(f"--dropout must be in [0, 1), got {self.dropout}")
+        # The rank has no upper bound here: blends stack ranks and PEFT adapters come from elsewhere.
+        # What a user may ask to train is bounds.RANK, and capacity.check_rank holds it to the base.
+        check_fields(self, {"rank": POSITIVE_INT, "alpha": ALPHA, "dropout": DROPOUT})
         self.targets = tuple(self.targets)
         self.layers = tuple(self.layers) if self.layers is not None else None
 
@@ -64,13 +62,28 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 
 
 def parse_targets(spec: str) -> tuple[str, ...]:
-    """`qv`, `attn`, `all-linear`, or a comma-separated list of module names (`q_proj,v_proj`)."""
+    """`qv`, `attn`, `all-linear`, or a comma-separated list of module names (`q_proj,v_proj`).
+    Which names the base has is checked by `match_targets` once it is loaded."""
     if spec in TARGET_PRESETS:
         return TARGET_PRESETS[spec]
     names = tuple(n.strip() for n in spec.split(",") if n.strip())
     if not names:
-        raise OdloraError(f"--targets is empty (presets: {', '.join(TARGET_PRESETS)}, or module names)")
+        raise OdloraError(f"--targets: {spec!r} names no module (presets: {', '.join(TARGET_PRESETS)}, "
+                          f"or module names such as q_proj,v_proj)")
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+    if bad:
+        raise OdloraError(f"--targets: {bad[0]!r} is not a module name (presets: {', '.join(TARGET_PRESETS)}, "
+                          f"or module names such as q_proj,v_proj)")
     return names
+
+
+LAYER_PRESETS = ("all", "middle")
+
+
+def check_layers_spec(spec: Optional[str]) -> None:
+    """The syntax of a --layers spec, before the base (and so its layer count) is known."""
+    if spec not in (None, "", *LAYER_PRESETS):
+        _listed_layers(spec)
 
 
 def parse_layers(spec: Optional[str], n_layers: int) -> Optional[tuple[int, ...]]:
@@ -80,17 +93,22 @@ def parse_layers(spec: Optional[str], n_layers: int) -> Optional[tuple[int, ...]
     if spec == "middle":
         third = n_layers // 3
         return tuple(range(third, n_layers - third))
-    try:
-        if m := re.fullmatch(r"(\d+)-(\d+)", spec):
-            layers = tuple(range(int(m[1]), int(m[2]) + 1))
-        else:
-            layers = tuple(int(i) for i in spec.split(","))
-    except ValueError:
-        raise OdloraError(f"--layers {spec!r}: expected 'all', 'middle', 'A-B' or 'i,j,k'") from None
+    layers = _listed_layers(spec)
     bad = [i for i in layers if not 0 <= i < n_layers]
-    if not layers or bad:
-        raise OdloraError(f"--layers {spec!r}: layer {bad[0] if bad else '?'} is outside 0-{n_layers - 1}")
+    if bad:
+        raise OdloraError(f"--layers: {spec!r}: layer {bad[0]} is outside 0-{n_layers - 1}")
     return layers
+
+
+def _listed_layers(spec: str) -> tuple[int, ...]:
+    """`A-B` (A <= B) or `i,j,k` as layer numbers."""
+    if m := re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", spec):
+        if int(m[1]) > int(m[2]):
+            raise OdloraError(f"--layers: {spec!r}: a range A-B needs A <= B")
+        return tuple(range(int(m[1]), int(m[2]) + 1))
+    if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", spec):
+        return tuple(int(i) for i in spec.split(","))
+    raise OdloraError(f"--layers: {spec!r}: expected 'all', 'middle', 'A-B' or 'i,j,k' (layer numbers from 0)")
 
 
 def match_targets(model: nn.Module, targets, layers=None) -> list[str]:
@@ -108,7 +126,10 @@ def match_targets(model: nn.Module, targets, layers=None) -> list[str]:
         if hasattr(module, "in_features") and not isinstance(module, LoRALinear):
             names.append(name)
     if not names:
-        raise OdloraError(f"targets {','.join(targets)} match no linear layer of this model")
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if n.startswith("model.layers.") and hasattr(m, "in_features")})
+        raise OdloraError(f"--targets: {','.join(targets)} match no linear layer of this model "
+                          f"(its layers' linears: {', '.join(linears)})")
     return names
 
 

@@ -25,9 +25,11 @@ import torch
 
 from .adapter import adapter_from_factors, save_adapter
 from .base import Base, load_base, load_tokenizer
+from .bounds import SEQ_LEN, THREADS, VAL_SPLIT, check_fields
+from .capacity import check_rank, check_seq_len, check_training_memory
 from .data import IGNORE, data_stats, pack, read_examples, split_examples
 from .errors import OdloraError
-from .lora import LoraConfig, apply_lora, match_targets, parse_layers
+from .lora import LoraConfig, apply_lora, check_layers_spec, match_targets, parse_layers
 from .prompts import DEFAULT_PROMPT_FORMAT, resolve_prompt_format
 from .quant import quantize_base
 from .train import TorchEngine, TrainConfig, config_identity, train, underfit_hint
@@ -53,14 +55,32 @@ class PersonalizeConfig:
     engine: str = "torch"  # or "executorch"
     program: Optional[Path] = None  # executorch: an exported training program (default: cached per base/shape)
 
+    def validate(self) -> None:
+        """Every setting that needs no base, before anything loads: a bad flag costs nothing.
+        What needs the base (its context, its linears, this machine's RAM) is `check_fits`."""
+        if self.dtype not in DTYPES:
+            raise OdloraError(f"--dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.engine not in ENGINES:
+            raise OdloraError(f"--engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        check_fields(self, {"seq_len": SEQ_LEN, "val_split": VAL_SPLIT, "threads": THREADS})
+        check_layers_spec(self.layers)
+        self.training.validate()
+
 
 def checkpoint_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.checkpoint")
 
 
+def check_fits(cfg: PersonalizeConfig, lora: LoraConfig, base: Base) -> None:
+    """The flags against the loaded base and this machine (capacity.py), before any data is read."""
+    check_seq_len(cfg.seq_len, base.config)
+    if base.model is not None:  # (a training program fixed its targets and rank when it was exported)
+        check_rank(base.model, match_targets(base.model, lora.targets, lora.layers), lora.rank)
+    check_training_memory(base.config, cfg.training.batch_size, cfg.seq_len, DTYPES[cfg.dtype].itemsize,
+                          cfg.training.activation_checkpointing)
+
+
 def prepare_data(cfg: PersonalizeConfig, data: Path, tokenizer):
-    if cfg.seq_len < 8:
-        raise OdloraError(f"--seq-len must be >= 8, got {cfg.seq_len}")
     prompt_format = resolve_prompt_format(cfg.prompt_format, tokenizer)
     examples = read_examples(data, tokenizer, cfg.seq_len, cfg.train_on_prompt, prompt_format)
     if cfg.val_data is not None:
@@ -96,19 +116,14 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
     validation as it happens (the records train_log.jsonl keeps), e.g. to draw live loss curves.
     """
     out = Path(out)
-    if cfg.dtype not in DTYPES:
-        raise OdloraError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-    if cfg.engine not in ENGINES:
-        raise OdloraError(f"--engine {cfg.engine!r} is not one of {', '.join(ENGINES)}")
-    cfg.training.validate()  # before the base is loaded: a bad flag costs nothing
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.training.seed)
     base = program_base(cfg.program) if cfg.engine == "executorch" and cfg.program else load_base(cfg.base)
     n_layers = base.model.args.n_layers if base.model is not None else base.config["num_hidden_layers"]
     lora = replace(cfg.lora, layers=parse_layers(cfg.layers, n_layers))
-    if base.model is not None:
-        match_targets(base.model, lora.targets, lora.layers)  # fail on bad targets before reading data
+    check_fits(cfg, lora, base)
     if cfg.engine == "executorch":
         check_executorch_flags(cfg, lora)
     train_data, val_data, stats = prepare_data(cfg, data, base.tokenizer)
@@ -209,9 +224,11 @@ def program_base(program: Path) -> Base:
 def dry_run(cfg: PersonalizeConfig, data: Path) -> dict:
     """What a run would do, without training: the data as read and packed, the steps, the modules
     LoRA would adapt and its trainable parameters."""
+    cfg.validate()
     base = load_base(cfg.base)
-    layers = parse_layers(cfg.layers, base.model.args.n_layers)
-    modules = match_targets(base.model, cfg.lora.targets, layers)
+    lora = replace(cfg.lora, layers=parse_layers(cfg.layers, base.model.args.n_layers))
+    check_fits(cfg, lora, base)
+    modules = match_targets(base.model, lora.targets, lora.layers)
     train_rows, _, stats = prepare_data(cfg, data, base.tokenizer)
     linears = dict(base.model.named_modules())
     params = sum(cfg.lora.rank * (linears[m].in_features + linears[m].out_features) for m in modules)

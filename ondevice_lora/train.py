@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 from .adapter import model_factors
+from .bounds import EPOCHS, LR, NON_NEGATIVE_INT, POSITIVE_INT, SEED, check_fields
 from .data import batches
 from .errors import OdloraError
 from .evaluate import evaluate_loss, token_loss
@@ -58,13 +59,11 @@ class TrainConfig:
     compile: bool = False  # TorchInductor for the decoder layers' training steps
 
     def validate(self):
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise OdloraError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise OdloraError(f"--steps must be >= 1, got {self.steps}")
-        if (self.epochs is not None and self.epochs <= 0) or self.lr <= 0:
-            raise OdloraError("--epochs and --lr must be positive")
+        """Every flag's range (bounds.py), before anything loads; errors name the flags (steps: --steps)."""
+        check_fields(self, {
+            "steps": POSITIVE_INT, "epochs": EPOCHS, "lr": LR, "batch_size": POSITIVE_INT, "grad_accum": POSITIVE_INT,
+            "seed": SEED, "eval_every": NON_NEGATIVE_INT, "save_every": NON_NEGATIVE_INT, "early_stopping": NON_NEGATIVE_INT,
+        })
         if self.compile and self.activation_checkpointing:
             raise OdloraError("--compile and --activation-checkpointing cannot be used together")
 

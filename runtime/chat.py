@@ -6,12 +6,13 @@ switched between turns (`odlora chat`; the commands are in `HELP`).
 
 The export's KV cache bounds the conversation: once the messages leave no room for an answer,
 the oldest turns are dropped (said once). `run_chat` reads and writes the streams it is given,
-so tests drive it with a script instead of a terminal.
+so tests drive it with a script instead of a terminal; `odlora chat` gives it stdin's bytes,
+which it decodes itself so that input that is not UTF-8 is a warning, not a traceback.
 """
 
 from __future__ import annotations
 
-from typing import TextIO
+from typing import BinaryIO, TextIO, Union
 
 from ..errors import OdloraError
 from ..generate import SamplingConfig
@@ -105,8 +106,10 @@ class Chat:
         return messages
 
 
-def run_chat(rt: Runtime, inp: TextIO, out: TextIO, sampling: SamplingConfig, adapter: str = "base") -> Chat:
-    """Read lines from `inp` until /quit or end of input; returns the conversation."""
+def run_chat(rt: Runtime, inp: Union[TextIO, BinaryIO], out: TextIO, sampling: SamplingConfig,
+             adapter: str = "base") -> Chat:
+    """Read lines from `inp` (text, or bytes decoded as UTF-8) until /quit or end of input;
+    returns the conversation."""
     chat = Chat(rt, sampling, out, adapter)
     chat.say(f"chatting with {chat.label} ({rt.max_seq_len}-token context{chat.ALONE if chat.alone else ''}); "
              f"/help lists the commands")
@@ -116,5 +119,17 @@ def run_chat(rt: Runtime, inp: TextIO, out: TextIO, sampling: SamplingConfig, ad
         if not line:
             chat.say("")
             return chat
+        if isinstance(line, bytes):
+            line = decode_line(line, chat)
         if not chat.handle(line.strip()):
             return chat
+
+
+def decode_line(raw: bytes, chat: Chat) -> str:
+    """A line of input as UTF-8. Bytes that are not (a Latin-1 file piped in, a terminal in another
+    encoding) become U+FFFD and the chat says so, instead of ending with a UnicodeDecodeError."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        chat.say(f"(warning: this line is not valid UTF-8 at byte {e.start}; undecodable bytes read as \ufffd)")
+        return raw.decode("utf-8", errors="replace")

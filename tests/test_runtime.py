@@ -426,7 +426,7 @@ def test_cli_run_blends_streams_and_prints_json(built, onnx_rt, monkeypatch, cap
     (("--adapter", "missing.onnx_adapter"), "no such packed adapter"),
     (("--adapter", "{root}/b-qv.onnx_adapter"), "do not match this export's slots"),
     (("--prompt", "The cat looks at the river. " * 20), "--max-seq-len"),
-    (("--temperature", "-1"), "--temperature must be >= 0"),
+    (("--temperature", "-1"), "--temperature: must be a number from 0 to 2"),
     (("--backend", "executorch"), "onnx export: it runs on the onnx backend"),
 ])
 def test_cli_run_bad_input_is_one_clear_line(built, monkeypatch, capsys, args, message):
