@@ -44,8 +44,8 @@ class LoraConfig:
     def __post_init__(self):
         if self.rank <= 0:
             raise OdloraError(f"--rank must be a positive integer, got {self.rank}")
-        if self.alpha <= 0:
-            raise OdloraError(f"--alpha must be positive, got {self.alpha}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise OdloraError(f"--alpha must be a positive finite number, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise OdloraError(f"--dropout must be in [0, 1), got {self.dropout}")
         self.targets = tuple(self.targets)
