@@ -130,6 +130,13 @@ def prepare(out: Path) -> None:
     settle_pair(out)
 
 
+def discard(out: Path) -> None:
+    """Delete an output this process is done with, and what dead writers left beside it."""
+    for leftover in _stale(out, STAGING) + _stale(out, OLD):
+        remove(leftover)
+    remove(out)
+
+
 # -- the exchange -------------------------------------------------------------------------------------
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from .adapter import adapter_from_factors, save_adapter
-from .atomic import remove
+from .atomic import discard
 from .base import Base, load_base, load_tokenizer, resolve
 from .data import data_stats, pack, read_examples, split_examples
 from .errors import OdloraError
@@ -147,7 +147,7 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
     meta["training"] = identity["training"]
     save_adapter(adapter_from_factors(finite_factors(engine), lora, meta), out, base.spec)
     _write_log(out, log_records)
-    remove(checkpoint_dir(out))  # the adapter supersedes it
+    discard(checkpoint_dir(out))  # the adapter supersedes it
     return meta["metrics"]
 
 
