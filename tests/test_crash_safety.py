@@ -11,6 +11,7 @@ renames), `pair-pending` / `pair-blob` (between a packed pair's renames), `check
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -95,12 +96,17 @@ def side_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.odlora-"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def made(tiny_model_factory, tmp_path_factory):
-    """A tiny fp32 ONNX export (r<=4), two adapters packed for it, a bundle, and training data."""
+    """A tiny fp32 ONNX export (r<=4), two adapters packed for it, a bundle, and training data:
+    one of every output the writers replace (tests/test_outputs.py imports it too)."""
+    return build_outputs(tmp_path_factory.getbasetemp() / "made", tiny_model_factory("llama"))
+
+
+@functools.cache  # once per session, for both modules that use `made`
+def build_outputs(root: Path, base_dir: Path) -> dict:
     torch.set_num_threads(1)  # forked children must not inherit a busy thread pool
-    root = tmp_path_factory.mktemp("crash")
-    base_dir = tiny_model_factory("llama")
+    root.mkdir()
     export(str(base_dir), "onnx", root / "export", max_rank=4, max_seq_len=64, say=lambda *_: None)
     dirs = {name: make_adapter(base_dir, root / f"adapter-{name}", seed, 4, ALL_LINEAR)
             for name, seed in (("a", 1), ("b", 2))}
