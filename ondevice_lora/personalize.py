@@ -167,7 +167,7 @@ def interrupted(out: Path, engine, lora: LoraConfig, meta: dict, evals: list, ba
     `out` only if nothing is there, and say where the run's work went."""
     ckpt = checkpoint_dir(out)
     where = (f"the run so far is checkpointed in {ckpt}: continue it with --resume" if ckpt.is_dir()
-             else "interrupted before the first step finished: nothing to keep")
+             else "no step had finished: nothing to keep")
     if os.path.lexists(out) or not ckpt.is_dir():
         return f"interrupted: {where}; {out} is unchanged"
     meta = {**meta, "interrupted": True, "metrics": {"val": evals}}
