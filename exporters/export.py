@@ -2,7 +2,7 @@
 
     load base -> slot spec -> target.export_program(...) into a temp dir -> tokenizer copied in
     -> manifest.json (fingerprint, architecture, slots, quantisation, sha256 + size per file)
-    -> rename into place (a half-written export never appears at the final path)
+    -> swapped into place (`atomic.py`: a half-written export never appears at the final path)
 
 A target module (`exporters/onnx.py`, ...) provides:
 
@@ -23,10 +23,10 @@ from typing import Optional
 
 from .. import __version__
 from ..adapter import check_base, load_adapter
-from ..atomic import staged_dir
-from ..base import load_base
+from ..base import load_base, resolve
 from ..errors import OdloraError
 from ..lora import TARGET_PRESETS
+from ..outputs import EXPORT, PACKED, check_output, staged_output, staged_packed
 from ..registry import sha256_file
 from .slots import SlotSpec, slot_tensors
 
@@ -49,13 +49,13 @@ def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str
     quant = quant or module.QUANTS[0]
     if quant not in module.QUANTS:
         raise OdloraError(f"--quant {quant!r} is not supported for {target} (choose from {', '.join(module.QUANTS)})")
-    out = check_out(out, force)
+    out = check_out(out, force, resolve(base_spec))
     started = time.perf_counter()
     base = load_base(base_spec)
     if max_seq_len > base.model.args.max_seq_len:
         raise OdloraError(f"--max-seq-len {max_seq_len} exceeds the base's {base.model.args.max_seq_len} positions")
     spec = SlotSpec.for_model(base.model, targets, max_rank)
-    with staged_dir(out) as tmp:
+    with staged_output(out, EXPORT) as tmp:
         say(f"exporting {base.spec} to {target} ({quant}, slots r<={max_rank} on {','.join(spec.targets)}) ...")
         target_fields = module.export_program(base.model, spec, tmp, quant, max_seq_len)
         return write_manifest(tmp, base, target, quant, started, {"max_seq_len": max_seq_len, "slots": spec.to_dict(),
@@ -68,20 +68,18 @@ def export_trainable(base, out: Path, lora, batch_size: int, seq_len: int, force
     returns its manifest. Its target is `executorch-train`; the runtime does not serve it."""
     from .executorch_train import export_training_program
 
-    out = check_out(out, force)
+    out = check_out(out, force, base.path)
     started = time.perf_counter()
-    with staged_dir(out) as tmp:
+    with staged_output(out, EXPORT) as tmp:
         say(f"exporting {base.spec} as an ExecuTorch training program (LoRA r={lora.rank} on {','.join(lora.targets)}, "
             f"batch {batch_size} x {seq_len} tokens, base {base_quant}) ...")
         fields = export_training_program(base.model, lora, batch_size, seq_len, tmp, base_quant)
         return write_manifest(tmp, base, "executorch-train", base_quant, started, {"max_seq_len": seq_len, **fields})
 
 
-def check_out(out: Path, force: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not force:
-        raise OdloraError(f"{out} already exists (use --force to replace it)")
-    return out
+def check_out(out: Path, force: bool, base_path: Path) -> Path:
+    """An export replaces only an export (with --force), never the base it reads."""
+    return check_output(out, EXPORT, force, {"--base": [base_path]})
 
 
 def write_manifest(tmp: Path, base, target: str, quant: str, started: float, fields: dict) -> dict:
@@ -124,25 +122,26 @@ def read_manifest(export_dir: Path, verify: bool = True) -> dict:
     return manifest
 
 
-def pack(adapter_dir: Path, export_dir: Path, out: Path) -> dict:
-    """Turn a PEFT-format adapter into the export target's native blob; returns its manifest."""
+def pack(adapter_dir: Path, export_dir: Path, out: Path, force: bool = False) -> dict:
+    """Turn a PEFT-format adapter into the export target's native blob; returns its sidecar.
+
+    The blob and its sidecar `<out>.json` replace a previous packed adapter only with `force`,
+    and only as a pair (`atomic.staged_pair`); never a directory, another file or a path inside
+    the adapter or the export."""
+    out = check_output(out, PACKED, force, {"adapter": [adapter_dir], "--export": [export_dir]})
     manifest = read_manifest(export_dir, verify=False)
     adapter = load_adapter(adapter_dir)
     check_base(adapter, manifest["base_fingerprint"], str(adapter_dir))
     slots = slot_tensors(adapter, SlotSpec.from_dict(manifest["slots"]))  # checks rank, targets, shapes
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    target_module(manifest["target"]).pack_slots(slots, manifest, tmp)
-    info = {
-        "format": "odlora-packed-adapter", "format_version": FORMAT_VERSION, "target": manifest["target"],
-        "base_fingerprint": manifest["base_fingerprint"], "fingerprint_verified": adapter.fingerprint is not None,
-        "adapter": str(adapter_dir), "rank": adapter.rank, "modules": len(adapter.A),
-        "prompt_format": adapter.prompt_format,
-        "sha256": sha256_file(tmp), "size": tmp.stat().st_size,
-        "metrics": adapter.meta.get("metrics", {}) and {k: v for k, v in adapter.meta["metrics"].items() if k != "val_history"},
-    }
-    sidecar = out.with_name(out.name + ".json")
-    sidecar.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(out)
+    with staged_packed(out) as (blob, sidecar):
+        target_module(manifest["target"]).pack_slots(slots, manifest, blob)
+        info = {
+            "format": "odlora-packed-adapter", "format_version": FORMAT_VERSION, "target": manifest["target"],
+            "base_fingerprint": manifest["base_fingerprint"], "fingerprint_verified": adapter.fingerprint is not None,
+            "adapter": str(adapter_dir), "rank": adapter.rank, "modules": len(adapter.A),
+            "prompt_format": adapter.prompt_format,
+            "sha256": sha256_file(blob), "size": blob.stat().st_size,
+            "metrics": adapter.meta.get("metrics", {}) and {k: v for k, v in adapter.meta["metrics"].items() if k != "val_history"},
+        }
+        sidecar.write_text(json.dumps(info, indent=2) + "\n")
     return info

@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .atomic import staged_dir
 from .errors import OdloraError
 from .lora import LoRALinear, LoraConfig, lora_layers, lora_scaling
 from .prompts import DEFAULT_PROMPT_FORMAT
+from .outputs import ADAPTER, staged_output
 
 PEFT_PREFIX = "base_model.model."
 KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight")
@@ -177,7 +177,8 @@ def peft_config(adapter: Adapter, base_name: str) -> dict:
 
 
 def save_adapter(adapter: Adapter, out: Path, base_name: str) -> None:
-    """Write atomically: a complete directory appears at `out`, or nothing changes there."""
+    """Write atomically: a complete directory appears at `out`, or nothing changes there.
+    Replaces only a previous adapter directory (commands decide whether they may: `outputs.py`)."""
     tensors = {}
     for name in adapter.A:
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = adapter.A[name].contiguous()
@@ -185,7 +186,7 @@ def save_adapter(adapter: Adapter, out: Path, base_name: str) -> None:
     meta = {"format": "odlora-adapter", "version": 1, "tool_version": __version__, **adapter.meta,
             "rank": adapter.config.rank, "alpha": adapter.config.alpha, "use_rslora": adapter.config.use_rslora,
             "targets": list(adapter.config.targets), "modules": len(adapter.A), "parameters": adapter.n_params()}
-    with staged_dir(out) as tmp:
+    with staged_output(out, ADAPTER) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config(adapter, base_name), indent=2) + "\n")
         (tmp / "odlora.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -296,11 +296,13 @@ def generate(base, prompt, adapters, chat, sampling):
                    "(needs a C++ compiler; pays off on longer runs).")
 @click.option("--threads", default=None, type=Bounded(bounds.THREADS), help="CPU threads (default: all cores).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint of an interrupted run with the same --out.")
+@click.option("--force", is_flag=True, help="Replace the adapter at --out (only once the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Print the modules LoRA would adapt and the data statistics, then stop.")
 @json_option
 def personalize(base, data, out, rank, alpha, dropout, rslora, targets, layers, base_quant, dtype, engine, program,
-                prompt_format, steps, epochs, lr, batch_size, grad_accum, seq_len, val_split, val_data, train_on_prompt, seed, eval_every,
-                save_every, early_stopping, activation_checkpointing, compile_layers, threads, resume, dry_run, as_json):
+                prompt_format, steps, epochs, lr, batch_size, grad_accum, seq_len, val_split, val_data, train_on_prompt, seed,
+                eval_every, save_every, early_stopping, activation_checkpointing, compile_layers, threads, resume, force,
+                dry_run, as_json):
     """Train a LoRA adapter on local data against a frozen, quantised base."""
     from .lora import LoraConfig, parse_targets
     from .personalize import PersonalizeConfig, dry_run as personalize_dry_run, format_dry_run, personalize as run
@@ -322,7 +324,7 @@ def personalize(base, data, out, rank, alpha, dropout, rslora, targets, layers, 
         click.echo(json.dumps(info) if as_json else format_dry_run(info))
         return
     with TrainingProgress() as progress:
-        metrics = run(cfg, data, out, resume=resume, say=say, progress=progress.update)
+        metrics = run(cfg, data, out, resume=resume, say=say, progress=progress.update, force=force)
     summary = {k: v for k, v in metrics.items() if k != "val_history"}
     say(f"saved {out}: val loss {metrics['val_loss_before']:.4f} -> {metrics['val_loss']:.4f}, "
         f"{metrics['tokens_per_s']:.0f} tokens/s")
@@ -360,12 +362,13 @@ def adapter_inspect(adapter_dir, as_json):
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
 @export_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The packed blob to write.")
+@click.option("--force", is_flag=True, help="Replace the packed adapter at --out (blob and sidecar, together).")
 @json_option
-def adapter_pack(adapter_dir, export_dir, out, as_json):
+def adapter_pack(adapter_dir, export_dir, out, force, as_json):
     """Turn a PEFT-format adapter into the export target's native blob (checked against its base)."""
     from .exporters.export import pack
 
-    info = pack(adapter_dir, export_dir, out)
+    info = pack(adapter_dir, export_dir, out, force=force)
     click.echo(json.dumps(info)) if as_json else print_fields(info)
 
 
@@ -377,13 +380,13 @@ def adapter_pack(adapter_dir, export_dir, out, as_json):
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def merge(base, adapters, out, force):
     """Write BASE with the adapters merged into its weights (W + ΔW), as a Hugging Face checkpoint."""
-    from .base import load_base
+    from .base import load_base, resolve
     from .merge import merge_to_dir
+    from .outputs import MODEL, check_output
 
-    if out.exists() and not force:
-        raise OdloraError(f"{out} already exists (use --force to replace it)")
+    check_output(out, MODEL, force, {"--base": [resolve(base)], "--adapter": [Path(parse_weighted(a)[0]) for a in adapters]})
     loaded = load_base(base)
-    merge_to_dir(loaded, load_weighted_adapters(adapters, loaded.fingerprint), out)
+    merge_to_dir(loaded, load_weighted_adapters(adapters, loaded.fingerprint), out, adapters)
     click.echo(str(out))
 
 

@@ -226,7 +226,8 @@ def personalize_stage(cfg: DemoConfig, task: str, say) -> dict:
         if record["step"] % every == 0 or record["step"] == total:
             say(f"      step {record['step']}/{total}  loss {record['loss']:.3f}  {record['tokens_per_s']:.0f} tokens/s")
 
-    metrics = personalize(pcfg, sample_path(task, "train"), out, say=lambda m: say(f"      {m}"), progress=progress)
+    metrics = personalize(pcfg, sample_path(task, "train"), out, say=lambda m: say(f"      {m}"), progress=progress,
+                          force=True)  # the demo's own output, redone because it is no longer valid
     return {"dir": str(out), "sha256": sha256_file(out / "adapter_model.safetensors"),
             "val_loss_before": metrics["val_loss_before"], "val_loss": metrics["val_loss"], "steps": metrics["steps"],
             "train_seconds": round(metrics["seconds"], 1), "tokens_per_s": round(metrics["tokens_per_s"], 1)}
@@ -269,7 +270,7 @@ def pack_stage(cfg: DemoConfig, target: str, adapters: dict, export: dict) -> di
     blobs = {}
     for task, adapter in adapters.items():
         blob = cfg.out / "packed" / target / f"{task}{BLOB_SUFFIX[target]}"
-        info = pack(Path(adapter["dir"]), Path(export["dir"]), blob)
+        info = pack(Path(adapter["dir"]), Path(export["dir"]), blob, force=True)  # the demo's own, redone
         blobs[task] = {"file": str(blob), "size": info["size"], "sha256": info["sha256"]}
     return blobs
 

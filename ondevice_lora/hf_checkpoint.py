@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import staged_dir
+from . import __version__
 from .errors import OdloraError
+from .outputs import MODEL, MODEL_MARKER, staged_output
 
 
 def read_config(path: Path) -> dict:
@@ -56,10 +58,15 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_model_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor], tokenizer) -> None:
-    """Write a complete model directory atomically: build it beside `out`, then rename."""
-    with staged_dir(out) as tmp:
+def write_model_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor], tokenizer,
+                    origin: Optional[dict] = None) -> None:
+    """Write a complete model directory atomically: build it beside `out`, then swap it in.
+    `odlora-model.json` marks it as ours (and says what it was made from, `origin`), so that a
+    later write may replace it, and nothing else, with --force."""
+    with staged_output(out, MODEL) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        marker = {"format": "odlora-model", "tool_version": __version__, **(origin or {})}
+        (tmp / MODEL_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         contiguous = {k: v.contiguous() for k, v in tensors.items()}
         save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(str(tmp))

@@ -9,12 +9,14 @@ from .base import Base
 from .hf_checkpoint import write_model_dir
 
 
-def merge_to_dir(base: Base, adapter: Adapter, out: Path) -> None:
-    """W' = W + ΔW in fp32 for every adapted linear; the result loads in transformers as is."""
+def merge_to_dir(base: Base, adapter: Adapter, out: Path, adapters: tuple[str, ...] = ()) -> None:
+    """W' = W + ΔW in fp32 for every adapted linear; the result loads in transformers as is.
+    `adapters` (the `DIR[:WEIGHT]` specs merged) are recorded in its odlora-model.json."""
     merge_adapter(base.model, adapter)
     tensors = base.model.state_dict()
     if base.model.args.tie_embeddings:
         tensors.pop("lm_head.weight")  # tied: transformers re-ties it from the embeddings
     config = dict(base.config)
     config.pop("quantization_config", None)
-    write_model_dir(Path(out), config, tensors, base.tokenizer)
+    origin = {"merged": {"base": base.spec, "base_fingerprint": base.fingerprint, "adapters": list(adapters)}}
+    write_model_dir(Path(out), config, tensors, base.tokenizer, origin)

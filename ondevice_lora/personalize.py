@@ -7,15 +7,18 @@
 base quantised) or `executorch` (an exported ExecuTorch training program, base fp32 or int8; see
 `device_train.py`). Everything else, data to adapter, is the same code for both.
 
-The adapter is written to a temporary directory and renamed into place, so an existing
-adapter at `out` survives any failed or interrupted run. Ctrl-C saves the adapter of the last
-finished step (marked `"interrupted": true`) and exits.
+What is at `out` is safe (`outputs.py`): `out` must not be or hold the data, the base or the
+program, and an existing adapter there is replaced only with `force` or `resume`, and only by a
+finished run, swapped in whole (`atomic.py`). Ctrl-C checkpoints the last finished step beside
+`out` (`.OUT.checkpoint`: continue with `resume`); when `out` held nothing it also saves that step's
+adapter there, marked `"interrupted": true`. A loss or factor that is not finite stops the run
+with an error and writes nothing to `out`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,12 +27,14 @@ from typing import Callable, Optional
 import torch
 
 from .adapter import adapter_from_factors, save_adapter
-from .base import Base, load_base, load_tokenizer
+from .atomic import discard
+from .base import Base, load_base, load_tokenizer, resolve
 from .bounds import SEQ_LEN, THREADS, VAL_SPLIT, check_fields
 from .capacity import check_rank, check_seq_len, check_training_memory
 from .data import IGNORE, data_stats, pack, read_examples, split_examples
 from .errors import OdloraError
 from .lora import LoraConfig, apply_lora, check_layers_spec, match_targets, parse_layers
+from .outputs import ADAPTER, check_output
 from .prompts import DEFAULT_PROMPT_FORMAT, resolve_prompt_format
 from .quant import quantize_base
 from .train import TorchEngine, TrainConfig, config_identity, train, underfit_hint
@@ -107,16 +112,25 @@ def show_example(tokenizer, example) -> dict:
             "learned": tokenizer.decode([t for t in example.targets if t != IGNORE])}
 
 
+def check_out(cfg: PersonalizeConfig, data: Path, out: Path, replace: bool) -> Path:
+    """Refuse an --out that is or holds an input, or is anything but an adapter we may replace."""
+    from_program = cfg.engine == "executorch" and cfg.program is not None
+    inputs = {"--data": [data], "--val-data": [cfg.val_data], "--program": [cfg.program],
+              "--base": [] if from_program else [resolve(cfg.base)]}
+    return check_output(out, ADAPTER, replace, inputs)
+
+
 def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = False,
                 say: Callable[[str], None] = print, progress=None,
-                on_record: Optional[Callable[[dict], None]] = None) -> dict:
+                on_record: Optional[Callable[[dict], None]] = None, force: bool = False) -> dict:
     """Train and save an adapter at `out`; returns the metrics written to its odlora.json.
 
-    progress(record, total_steps) sees each step; on_record(record) sees each step and each
-    validation as it happens (the records train_log.jsonl keeps), e.g. to draw live loss curves.
+    An adapter already at `out` is replaced only with `force` or `resume`. progress(record,
+    total_steps) sees each step; on_record(record) sees each step and each validation as it
+    happens (the records train_log.jsonl keeps), e.g. to draw live loss curves.
     """
-    out = Path(out)
-    cfg.validate()
+    cfg.validate()  # before the base is loaded: a bad flag costs nothing
+    out = check_out(cfg, data, Path(out), replace=force or resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.training.seed)
@@ -150,10 +164,7 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
         history = train(engine, train_data, val_data, cfg.training, identity, checkpoint_dir(out), resume,
                         progress=progress, log=log)
     except KeyboardInterrupt:
-        meta["interrupted"] = True
-        meta["metrics"] = {"val": [r for r in log_records if r["event"] == "eval"]}
-        save_adapter(adapter_from_factors(engine.factors(), lora, meta), out, base.spec)
-        say(f"interrupted: saved the adapter of the last finished step to {out}")
+        say(interrupted(out, engine, lora, meta, [r for r in log_records if r["event"] == "eval"], base.spec))
         raise
     val = history["val"]
     meta["metrics"] = {
@@ -163,13 +174,37 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
         "tokens_per_s": history["tokens_per_s"], "seconds": history["seconds"], "val_history": val,
     }
     meta["training"] = identity["training"]
-    save_adapter(adapter_from_factors(engine.factors(), lora, meta), out, base.spec)
+    save_adapter(adapter_from_factors(finite_factors(engine), lora, meta), out, base.spec)
     _write_log(out, log_records)
     hint = underfit_hint([r["loss"] for r in log_records if r["event"] == "step"])
     if hint:
         say(hint)
-    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the adapter supersedes it
+    discard(checkpoint_dir(out))  # the adapter supersedes it
     return meta["metrics"]
+
+
+def finite_factors(engine) -> dict:
+    """The engine's factors, refused if any value is not finite (a NaN adapter must never replace a good one)."""
+    factors = engine.factors()
+    for name, pair in factors.items():
+        for factor, tensor in pair.items():
+            if not torch.isfinite(tensor).all():
+                raise OdloraError(f"training produced non-finite values in {name} lora_{factor}; lower --lr or "
+                                  f"--alpha (nothing was written to --out)")
+    return factors
+
+
+def interrupted(out: Path, engine, lora: LoraConfig, meta: dict, evals: list, base_spec: str) -> str:
+    """After Ctrl-C (train() has checkpointed the last finished step): save that step's adapter at
+    `out` only if nothing is there, and say where the run's work went."""
+    ckpt = checkpoint_dir(out)
+    where = (f"the run so far is checkpointed in {ckpt}: continue it with --resume" if ckpt.is_dir()
+             else "no step had finished: nothing to keep")
+    if os.path.lexists(out) or not ckpt.is_dir():
+        return f"interrupted: {where}; {out} is unchanged"
+    meta = {**meta, "interrupted": True, "metrics": {"val": evals}}
+    save_adapter(adapter_from_factors(finite_factors(engine), lora, meta), out, base_spec)
+    return f"interrupted: {where}; the adapter of the last finished step is saved in {out}"
 
 
 def torch_engine(cfg: PersonalizeConfig, base: Base, lora: LoraConfig, say) -> tuple[TorchEngine, dict]:

@@ -11,7 +11,10 @@ The loop drives an *engine*, which computes losses and gradients; the loop owns 
 `TorchEngine` is the laptop path (autograd on our PyTorch model); `device_train.ExecutorchEngine`
 runs an exported ExecuTorch training program.
 
-Checkpoints hold only tensors (safetensors) and JSON; nothing is pickled.
+Checkpoints hold only tensors (safetensors) and JSON; nothing is pickled. A checkpoint is one
+directory swapped in whole (`atomic.py`), and its state.json records the sha256 of its tensors, so
+`--resume` refuses a torn or damaged one. Ctrl-C checkpoints the last finished step; a loss or
+gradient that is not finite stops the run with an error before it reaches the factors.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,10 +36,13 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 from .adapter import model_factors
-from .bounds import EPOCHS, LR, NON_NEGATIVE_INT, POSITIVE_INT, SEED, check_fields
+from .bounds import EPOCHS, LR, NON_NEGATIVE_INT, POSITIVE_INT, SEED, Bound, check_fields
+from .atomic import kill_point
 from .data import batches
 from .errors import OdloraError
 from .evaluate import evaluate_loss, token_loss
+from .outputs import CHECKPOINT, staged_output
+from .registry import sha256_file
 
 
 DEFAULT_EPOCHS = 3.0
@@ -63,6 +72,8 @@ class TrainConfig:
         check_fields(self, {
             "steps": POSITIVE_INT, "epochs": EPOCHS, "lr": LR, "batch_size": POSITIVE_INT, "grad_accum": POSITIVE_INT,
             "seed": SEED, "eval_every": NON_NEGATIVE_INT, "save_every": NON_NEGATIVE_INT, "early_stopping": NON_NEGATIVE_INT,
+            # not flags, but a library caller's NaN here would train a NaN adapter
+            "warmup": Bound(0, 1), "weight_decay": Bound(0), "max_grad_norm": Bound(0, low_open=True),
         })
         if self.compile and self.activation_checkpointing:
             raise OdloraError("--compile and --activation-checkpointing cannot be used together")
@@ -156,26 +167,30 @@ class TorchEngine:
 
 # -- checkpoints --------------------------------------------------------------------------
 
-def save_checkpoint(path: Path, params: dict, optimizer, state: dict) -> None:
+def save_checkpoint(path: Path, params: dict, optimizer, state: dict, rng: torch.Tensor) -> None:
+    """state.safetensors (factors, AdamW's moments, the RNG state `rng`) and state.json (`state`
+    and the sha256 of state.safetensors), swapped in at `path` as one directory."""
     tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
     for n, p in params.items():
         for key, value in optimizer.state.get(p, {}).items():
             tensors[f"optim.{n}.{key}"] = value.detach().reshape(-1) if value.ndim == 0 else value.detach().contiguous()
-    tensors["rng"] = torch.get_rng_state()
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".state.{os.getpid()}"
-    save_file(tensors, str(tmp.with_suffix(".safetensors")))
-    tmp.with_suffix(".json").write_text(json.dumps(state))
-    os.replace(tmp.with_suffix(".safetensors"), path / "state.safetensors")
-    os.replace(tmp.with_suffix(".json"), path / "state.json")
+    tensors["rng"] = rng
+    with staged_output(path, CHECKPOINT) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        kill_point("checkpoint-tensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "sha256": sha256_file(tmp / "state.safetensors")}))
 
 
 def load_checkpoint(path: Path, params: dict, optimizer, expect: dict) -> dict:
     try:
         state = json.loads((path / "state.json").read_text())
-        tensors = load_file(str(path / "state.safetensors"))
-    except (OSError, ValueError) as e:
+        intact = state.get("sha256") == sha256_file(path / "state.safetensors")
+    except (OSError, ValueError, AttributeError) as e:
         raise OdloraError(f"--resume: no usable checkpoint at {path} ({e})") from None
+    if not intact:
+        raise OdloraError(f"--resume: checkpoint {path} is torn or damaged (state.safetensors does not match the "
+                          f"sha256 in state.json); start without --resume")
+    tensors = load_file(str(path / "state.safetensors"))
     for key, value in expect.items():
         if state.get("identity", {}).get(key) != value:
             raise OdloraError(f"--resume: checkpoint {path} was made with a different {key}; start without --resume")
@@ -191,10 +206,34 @@ def load_checkpoint(path: Path, params: dict, optimizer, expect: dict) -> dict:
 
 # -- the loop -----------------------------------------------------------------------------
 
+@contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C until the block ends, so that an optimiser step updates every factor or none.
+    (Signals reach only the main thread; elsewhere, e.g. a web job, there is nothing to hold.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *args: held.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # delivered now, to the handler that was there
+
+
+def check_finite(step: int, what: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise OdloraError(f"training diverged at step {step}: the {what} is {value}; lower --lr or --alpha "
+                          f"(nothing was written to --out)")
+
+
 def train(engine, train_data, val_data, cfg: TrainConfig, identity: dict, checkpoint_dir: Path,
           resume: bool = False, progress=None, log: Callable[[dict], None] = lambda record: None) -> dict:
-    """Train the engine's trainable (LoRA) parameters. Returns the metrics; raises
-    KeyboardInterrupt after Ctrl-C with the engine holding the weights of the last step."""
+    """Train the engine's trainable (LoRA) parameters. Returns the metrics. After Ctrl-C it
+    checkpoints the last finished step to `checkpoint_dir` (for --resume) and raises KeyboardInterrupt
+    with the engine holding that step's weights; a non-finite loss raises OdloraError."""
     cfg.validate()
     params = engine.params
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -217,32 +256,46 @@ def train(engine, train_data, val_data, cfg: TrainConfig, identity: dict, checkp
         next(stream)
     started, tokens_seen, best, stale = time.perf_counter(), 0, min(v["loss"] for v in history["val"]), 0
     loss_sum, rate = float("nan"), 0.0
-    while step < total:
-        loss_sum, n_tokens = 0.0, 0
-        for _ in range(cfg.grad_accum):
-            epoch, batch = next(stream)
-            loss = engine.loss_and_grads(batch, 1.0 / cfg.grad_accum)
-            loss_sum, n_tokens = loss_sum + loss / cfg.grad_accum, n_tokens + batch["input_ids"].numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, tokens_seen = step + 1, tokens_seen + n_tokens
-        rate = tokens_seen / (time.perf_counter() - started)
-        record = {"event": "step", "step": step, "epoch": epoch, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": float(grad_norm), "tokens_per_s": rate}
-        log(record)
-        if progress:
-            progress(record, total)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-            history["val"].append({"step": step, **engine.evaluate(val_data)})
-            log({"event": "eval", **history["val"][-1]})
-            best, stale = (history["val"][-1]["loss"], 0) if history["val"][-1]["loss"] < best else (best, stale + 1)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save_checkpoint(checkpoint_dir, params, optimizer, {"step": step, "history": history, "identity": identity})
-        if cfg.early_stopping and stale >= cfg.early_stopping:
-            log({"event": "early_stop", "step": step})
-            break
+    rng = torch.get_rng_state()  # at the last step boundary: what a checkpoint of `step` restores
+    try:
+        while step < total:
+            loss_sum, n_tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                epoch, batch = next(stream)
+                loss = engine.loss_and_grads(batch, 1.0 / cfg.grad_accum)
+                loss_sum, n_tokens = loss_sum + loss / cfg.grad_accum, n_tokens + batch["input_ids"].numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+            check_finite(step + 1, "training loss", loss_sum)
+            check_finite(step + 1, "gradient norm", float(grad_norm))
+            with sigint_deferred():
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, tokens_seen = step + 1, tokens_seen + n_tokens
+                rng = torch.get_rng_state()  # evaluation draws no random numbers: this is also the state after it
+            rate = tokens_seen / (time.perf_counter() - started)
+            record = {"event": "step", "step": step, "epoch": epoch, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "tokens_per_s": rate}
+            log(record)
+            if progress:
+                progress(record, total)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+                history["val"].append({"step": step, **engine.evaluate(val_data)})
+                check_finite(step, "validation loss", history["val"][-1]["loss"])
+                log({"event": "eval", **history["val"][-1]})
+                best, stale = (history["val"][-1]["loss"], 0) if history["val"][-1]["loss"] < best else (best, stale + 1)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save_checkpoint(checkpoint_dir, params, optimizer, {"step": step, "history": history, "identity": identity},
+                                rng)
+            kill_point("step")
+            if cfg.early_stopping and stale >= cfg.early_stopping:
+                log({"event": "early_stop", "step": step})
+                break
+    except KeyboardInterrupt:
+        if step > 0:
+            save_checkpoint(checkpoint_dir, params, optimizer, {"step": step, "history": history, "identity": identity},
+                            rng)
+        raise
     history.update(steps=step, total_steps=total, train_loss=loss_sum, tokens_per_s=rate,
                    seconds=time.perf_counter() - started, train_tokens=tokens_seen)
     return history

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..atomic import pair_sidecar
 from ..errors import OdloraError
 from ..exporters.slots import SlotSpec
 from ..prompts import DEFAULT_PROMPT_FORMAT
@@ -52,7 +53,7 @@ def read_sidecar(blob: Path, manifest: dict) -> dict:
     blob = Path(blob)
     if not blob.is_file():
         raise OdloraError(f"{blob}: no such packed adapter")
-    sidecar = blob.with_name(blob.name + ".json")
+    sidecar = pair_sidecar(blob)  # `<blob>.json`, or the pending one of a pack killed mid-commit (atomic.py)
     try:
         info = json.loads(sidecar.read_text())
     except FileNotFoundError:

@@ -6,8 +6,8 @@
 A base bundle is a directory an app copies into its assets:
 
     bundle.json                 the bundle manifest (below)
-    base/                       the export, as `odlora export` wrote it (program, weights, tokenizer/,
-                                its own manifest.json)
+    base/                       the export: its manifest.json and the files it lists (program, weights,
+                                tokenizer/), regular files only, nothing else of the export directory
     adapters/<id><suffix>       packed adapters (`odlora adapter pack`), each with its sidecar .json
 
 An adapter bundle (`--no-base`) holds only `adapters/`: it is downloaded later and checked against
@@ -33,10 +33,11 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from .. import __version__
-from ..atomic import staged_dir
+from ..atomic import pair_sidecar
 from ..base import load_tokenizer
 from ..errors import OdloraError
-from ..exporters.export import file_table, read_manifest
+from ..exporters.export import MANIFEST, file_table, read_manifest
+from ..outputs import BUNDLE, check_output, staged_output
 from ..prompts import DEFAULT_PROMPT_FORMAT, has_chat_template, render_chat, stop_token_ids
 from ..registry import sha256_file
 from .adapters import read_sidecar
@@ -68,19 +69,19 @@ class Bundle:
 
 def write_bundle(export_dir: Path, adapters: list[tuple[str, Path]], out: Path, with_base: bool = True,
                  force: bool = False) -> dict:
-    """Bundle an export (unless `with_base` is False) and packed adapters [(id, blob)]; returns bundle.json."""
-    export_dir, out = Path(export_dir), Path(out)
-    if out.exists() and not force:
-        raise OdloraError(f"{out} already exists (use --force to replace it)")
+    """Bundle an export (unless `with_base` is False) and packed adapters [(id, blob)]; returns bundle.json.
+    Replaces a previous bundle at `out` only with `force`, never an input or anything else."""
+    export_dir = Path(export_dir)
+    out = check_output(out, BUNDLE, force, {"--export": [export_dir], "--adapter": [Path(b) for _, b in adapters]})
     if not with_base and not adapters:
         raise OdloraError("an adapter bundle (--no-base) needs at least one --adapter")
     export = read_manifest(export_dir, verify=True)
     ids = [adapter_id for adapter_id, _ in adapters]
     if len(set(ids)) != len(ids):
         raise OdloraError(f"adapter ids must be unique, got {ids}")
-    with staged_dir(out) as tmp:
+    with staged_output(out, BUNDLE) as tmp:
         if with_base:
-            shutil.copytree(export_dir, tmp / BASE_DIR)
+            copy_export(export_dir, export, tmp / BASE_DIR)
         (tmp / ADAPTERS_DIR).mkdir()
         entries = [copy_adapter(adapter_id, Path(blob), export, tmp) for adapter_id, blob in adapters]
         manifest = {
@@ -94,12 +95,24 @@ def write_bundle(export_dir: Path, adapters: list[tuple[str, Path]], out: Path, 
     return manifest
 
 
+def copy_export(export_dir: Path, export: dict, into: Path) -> None:
+    """The export's manifest and the files it lists, as regular files that stay inside the export
+    (whatever else lies in the directory, and where its links lead, stays out of the bundle)."""
+    root = export_dir.resolve()
+    for name in [MANIFEST, *export["files"]]:
+        source = export_dir / name
+        if source.is_symlink() or not source.resolve().is_relative_to(root) or not source.is_file():
+            raise OdloraError(f"{export_dir}: {name} is not a regular file inside the export; a bundle copies no links")
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, into / name)
+
+
 def copy_adapter(adapter_id: str, blob: Path, export: dict, into: Path) -> dict:
     check_adapter_id(adapter_id)
     info = read_sidecar(blob, export)  # packed for this export's target and base, checksum intact
     name = f"{ADAPTERS_DIR}/{adapter_id}{''.join(blob.suffixes) or '.bin'}"
     shutil.copyfile(blob, into / name)
-    shutil.copyfile(blob.with_name(blob.name + ".json"), into / f"{name}.json")
+    shutil.copyfile(pair_sidecar(blob), into / f"{name}.json")
     return {"id": adapter_id, "file": name, "rank": info.get("rank"), "metrics": info.get("metrics", {}),
             "prompt_format": info.get("prompt_format", DEFAULT_PROMPT_FORMAT)}
 

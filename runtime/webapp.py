@@ -24,6 +24,7 @@ job must also be sent as JSON, which a plain HTML form cannot do.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -302,6 +303,9 @@ class WebApp:
             if spec.name in self.rt.adapters:
                 raise APIError(409, f"an adapter named {spec.name!r} is already served: choose another name",
                                param="name", code="name_taken")
+            if any(os.path.lexists(p) for p in self.job_outputs(spec.name)):
+                raise APIError(409, f"{self.work_dir} already holds an adapter named {spec.name!r} (from an earlier "
+                                    f"run): choose another name", param="name", code="name_taken")
             job = Job(uuid.uuid4().hex[:12], spec)
             if spec.upload is not None:
                 spec.data = self.save_upload(job, *spec.upload)
@@ -315,14 +319,19 @@ class WebApp:
         path.write_text(text, encoding="utf-8")
         return path
 
+    def job_outputs(self, name: str) -> tuple[Path, Path]:
+        """(adapter directory, packed blob) that a job named `name` writes under the work directory;
+        a job never replaces them (personalize and pack refuse an existing output without force)."""
+        suffix = BLOB_SUFFIX.get(self.rt.manifest["target"], ".adapter")
+        return self.work_dir / "adapters" / name, self.work_dir / "packed" / f"{name}{suffix}"
+
     def run(self, job: Job) -> None:
         """Train, pack, register, score: the job's thread. A failure ends the job, never the server."""
         spec = job.spec
         try:
-            adapter_dir = self.work_dir / "adapters" / spec.name
+            adapter_dir, blob = self.job_outputs(spec.name)
             personalize(self.personalize_config(spec), spec.data, adapter_dir, say=job.say, on_record=job.record)
             job.move_to("packing")
-            blob = self.work_dir / "packed" / f"{spec.name}{BLOB_SUFFIX.get(self.rt.manifest['target'], '.adapter')}"
             pack(adapter_dir, self.rt.export_dir, blob)
             self.rt.register_adapter(spec.name, blob)
             if spec.task and spec.eval_examples:

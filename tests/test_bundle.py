@@ -118,9 +118,15 @@ def test_adapter_bundle_for_another_base_is_refused(tiny_bundle, tmp_path):
 
 
 def test_write_refuses_bad_input_and_never_clobbers(tiny_bundle, tmp_path):
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "keep.txt").write_text("good")
+    with pytest.raises(OdloraError, match="exists and is not an odlora bundle"):
+        write_bundle(tiny_bundle["export"], [], user_dir, force=True)
+    assert [p.name for p in user_dir.iterdir()] == ["keep.txt"]
     out = tmp_path / "bundle"
-    out.mkdir()
-    (out / "keep.txt").write_text("good")
+    shutil.copytree(tiny_bundle["extra"], out)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(OdloraError, match="already exists"):
         write_bundle(tiny_bundle["export"], [], out)
     with pytest.raises(OdloraError, match="no sidecar"):
@@ -131,7 +137,7 @@ def test_write_refuses_bad_input_and_never_clobbers(tiny_bundle, tmp_path):
         write_bundle(tiny_bundle["export"], [("../x", tiny_bundle["blobs"]["a"])], out, force=True)
     with pytest.raises(OdloraError, match="needs at least one --adapter"):
         write_bundle(tiny_bundle["export"], [], out, with_base=False, force=True)
-    assert (out / "keep.txt").read_text() == "good" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_cli_bundle_verify_and_run(tiny_bundle, tmp_path, monkeypatch, capsys):

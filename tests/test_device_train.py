@@ -158,7 +158,7 @@ def test_checkpoint_and_resume_finish_as_a_straight_run(program, dates_jsonl, tm
     cfg = config(base_dir, program_dir, steps=6, save_every=2)
     with pytest.raises(KeyboardInterrupt):
         personalize(cfg, dates_jsonl, tmp_path / "ad", say=quiet, progress=Interrupt(at=3))
-    assert json.loads((tmp_path / "ad" / "odlora.json").read_text())["interrupted"] is True
+    assert json.loads((tmp_path / "ad" / "odlora.json").read_text())["interrupted"] is True  # --out held nothing
     personalize(cfg, dates_jsonl, tmp_path / "ad", resume=True, say=quiet)
     straight, resumed = load_adapter(tmp_path / "straight"), load_adapter(tmp_path / "ad")
     assert all(torch.allclose(straight.B[n], resumed.B[n], atol=1e-6) for n in straight.B)
@@ -173,7 +173,8 @@ def test_a_failed_run_never_clobbers_an_existing_adapter(program, dates_jsonl, t
         raise RuntimeError("power cut")
 
     with pytest.raises(RuntimeError):
-        personalize(config(base_dir, program_dir, steps=4), dates_jsonl, tmp_path / "ad", say=quiet, progress=crash)
+        personalize(config(base_dir, program_dir, steps=4), dates_jsonl, tmp_path / "ad", say=quiet, progress=crash,
+                    force=True)
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no staging directory left behind
 
@@ -196,7 +197,7 @@ def test_cli_bad_input_exits_2_and_keeps_the_old_adapter(program, dates_jsonl, t
         (tmp_path / "bad.jsonl").write_text(data)
     code, _, err = run_cli(monkeypatch, capsys, "personalize", "--engine", "executorch", "--program", program_dir,
                            "--data", tmp_path / "bad.jsonl" if data else dates_jsonl, "--out", tmp_path / "ad",
-                           "--rank", "4", "--alpha", "8", "--batch-size", BATCH, "--steps", 1, *flags)
+                           "--rank", "4", "--alpha", "8", "--batch-size", BATCH, "--steps", 1, "--force", *flags)
     assert code == 2, err
     assert err.startswith("odlora: error:") and message in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == before

@@ -77,16 +77,73 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_saves_an_adapter_and_resume_finishes_identically(tiny_llama_dir, dates_jsonl, tmp_path):
+def test_ctrl_c_checkpoints_and_resume_finishes_bit_identically(tiny_llama_dir, dates_jsonl, tmp_path):
     personalize(config(tiny_llama_dir, steps=8), dates_jsonl, tmp_path / "straight", say=quiet)
     cfg = config(tiny_llama_dir, steps=8, save_every=3)
+    said = []
     with pytest.raises(KeyboardInterrupt):
-        personalize(cfg, dates_jsonl, tmp_path / "ad", say=quiet, progress=Interrupt(at=5))
+        personalize(cfg, dates_jsonl, tmp_path / "ad", say=said.append, progress=Interrupt(at=5))
+    # --out held nothing: the adapter of step 5 is kept there, and the run is checkpointed at step 5, not 3
     assert json.loads((tmp_path / "ad" / "odlora.json").read_text())["interrupted"] is True
-    assert checkpoint_dir(tmp_path / "ad").exists()  # written at step 3
+    assert json.loads((checkpoint_dir(tmp_path / "ad") / "state.json").read_text())["step"] == 5
+    assert str(checkpoint_dir(tmp_path / "ad")) in said[-1] and "--resume" in said[-1]
     personalize(cfg, dates_jsonl, tmp_path / "ad", resume=True, say=quiet)
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "ad")
-    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not checkpoint_dir(tmp_path / "ad").exists()
+
+
+def test_ctrl_c_never_replaces_an_existing_adapter(tiny_llama_dir, dates_jsonl, tmp_path):
+    personalize(config(tiny_llama_dir, steps=2), dates_jsonl, tmp_path / "ad", say=quiet)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()}
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        personalize(config(tiny_llama_dir, steps=8, seed=1), dates_jsonl, tmp_path / "ad", say=said.append,
+                    progress=Interrupt(at=3), force=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()} == before
+    assert f"{tmp_path / 'ad'} is unchanged" in said[-1]
+    assert json.loads((checkpoint_dir(tmp_path / "ad") / "state.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("damage", ["tensors", "state"])
+def test_resume_refuses_a_torn_or_damaged_checkpoint(tiny_llama_dir, dates_jsonl, tmp_path, damage):
+    cfg = config(tiny_llama_dir, steps=8, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        personalize(cfg, dates_jsonl, tmp_path / "ad", say=quiet, progress=Interrupt(at=3), force=True)
+    ckpt = checkpoint_dir(tmp_path / "ad")
+    if damage == "tensors":  # one flipped byte in the factors
+        data = bytearray((ckpt / "state.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (ckpt / "state.safetensors").write_bytes(bytes(data))
+    else:  # a torn pair as the old two-rename writer could leave: state.json of another step
+        state = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps({**state, "step": 2, "sha256": "0" * 64}))
+    with pytest.raises(OdloraError, match="torn or damaged"):
+        personalize(cfg, dates_jsonl, tmp_path / "ad", resume=True, say=quiet)
+
+
+@pytest.mark.parametrize("lora, training, message", [
+    ({"alpha": float("nan")}, {}, "--alpha must be a positive finite number"),
+    ({}, {"lr": float("inf")}, "--lr must be a finite number"),
+    ({}, {"epochs": float("nan"), "steps": None}, "--epochs must be a finite number"),
+])
+def test_non_finite_settings_are_refused_by_the_library(tiny_llama_dir, dates_jsonl, tmp_path, lora, training, message):
+    with pytest.raises(OdloraError, match=message):
+        cfg = config(tiny_llama_dir, **training)
+        cfg.lora = LoraConfig(rank=4, **{"alpha": 8, **lora})
+        personalize(cfg, dates_jsonl, tmp_path / "ad", say=quiet)
+    assert not (tmp_path / "ad").exists()
+
+
+def test_a_diverging_run_stops_and_keeps_the_old_adapter(tiny_llama_dir, dates_jsonl, tmp_path):
+    personalize(config(tiny_llama_dir, steps=2), dates_jsonl, tmp_path / "ad", say=quiet)
+    before = weights(tmp_path / "ad")
+    cfg = config(tiny_llama_dir, steps=4)
+    cfg.lora = LoraConfig(rank=4, alpha=1e38)  # finite, but the scaled update overflows to inf
+    with pytest.raises(OdloraError, match="training diverged at step 1"):
+        personalize(cfg, dates_jsonl, tmp_path / "ad", say=quiet, force=True)
+    after = weights(tmp_path / "ad")
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_resume_with_a_different_config_is_refused(tiny_llama_dir, dates_jsonl, tmp_path):
@@ -106,11 +163,13 @@ def test_a_failed_run_never_clobbers_an_existing_adapter(tiny_llama_dir, dates_j
         raise RuntimeError("power cut")
 
     with pytest.raises(RuntimeError):
-        personalize(config(tiny_llama_dir, steps=4), dates_jsonl, tmp_path / "ad", say=quiet, progress=crash)
+        personalize(config(tiny_llama_dir, steps=4), dates_jsonl, tmp_path / "ad", say=quiet, progress=crash, force=True)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(OdloraError):
-        personalize(config(tiny_llama_dir), empty, tmp_path / "ad", say=quiet)
+        personalize(config(tiny_llama_dir), empty, tmp_path / "ad", say=quiet, force=True)
+    with pytest.raises(OdloraError, match="already exists \\(use --force"):
+        personalize(config(tiny_llama_dir), dates_jsonl, tmp_path / "ad", say=quiet)
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == before
 
 
