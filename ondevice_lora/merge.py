@@ -11,7 +11,7 @@ from .hf_checkpoint import write_model_dir
 
 def merge_to_dir(base: Base, adapter: Adapter, out: Path, adapters: tuple[str, ...] = ()) -> None:
     """W' = W + ΔW in fp32 for every adapted linear; the result loads in transformers as is.
-    `adapters` (the `DIR[:WEIGHT]` specs merged) are recorded in its odlora-model.json."""
+    `adapters` (the `DIR:WEIGHT` merged) are recorded in its odlora-model.json."""
     merge_adapter(base.model, adapter)
     tensors = base.model.state_dict()
     if base.model.args.tie_embeddings:
