@@ -262,8 +262,9 @@ def generate(base, prompt, adapters, chat, sampling):
 @click.option("--layers", default="all", show_default=True, help="all | middle | A-B | i,j,k")
 @click.option("--base-quant", default=None, type=click.Choice(["none", "int8", "int4"]),
               help="How the frozen base is held while training (default: int8; none with --engine executorch).")
-@click.option("--dtype", default=None, type=click.Choice(["bf16", "fp32"]),
-              help="Compute dtype (default: bf16; fp32 with --engine executorch).")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
+              help="Compute dtype; auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX, ARM64), "
+                   "else fp32, which is much faster there; fp32 with --engine executorch.")
 @click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "executorch"]),
               help="torch: PyTorch autograd (laptop); executorch: an exported ExecuTorch training program (device).")
 @click.option("--program", default=None, type=EXISTING_DIR,
@@ -314,7 +315,7 @@ def personalize(base, data, out, rank, alpha, dropout, rslora, targets, layers, 
                            activation_checkpointing=activation_checkpointing, compile=compile_layers)
     cfg = PersonalizeConfig(base=base, training=training, seq_len=seq_len, val_split=val_split, val_data=val_data,
                             base_quant=base_quant or ("none" if engine == "executorch" else "int8"),
-                            dtype=dtype or ("fp32" if engine == "executorch" else "bf16"), engine=engine, program=program,
+                            dtype=dtype, engine=engine, program=program,
                             train_on_prompt=train_on_prompt, prompt_format=prompt_format, threads=threads,
                             layers=layers, lora=LoraConfig(rank=rank, alpha=alpha, dropout=dropout, use_rslora=rslora,
                                                            targets=parse_targets(targets)))

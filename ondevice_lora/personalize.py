@@ -32,6 +32,7 @@ from .base import Base, load_base, load_tokenizer, resolve
 from .bounds import SEQ_LEN, THREADS, VAL_SPLIT, check_fields
 from .capacity import check_rank, check_seq_len, check_training_memory
 from .data import IGNORE, data_stats, pack, read_examples, split_examples
+from .devices import COMPUTE_DTYPES, resolve_compute_dtype
 from .errors import OdloraError
 from .lora import LoraConfig, apply_lora, check_layers_spec, match_targets, parse_layers
 from .outputs import ADAPTER, check_output
@@ -52,7 +53,7 @@ class PersonalizeConfig:
     val_split: float = 0.1
     val_data: Optional[Path] = None
     base_quant: str = "int8"  # fastest of none/int8/int4 at equal quality on a 2-core CPU (bench/)
-    dtype: str = "bf16"
+    dtype: str = "auto"  # bf16 where the CPU computes it natively, else fp32 (devices.py)
     layers: str = "all"  # parsed once the base's layer count is known
     train_on_prompt: bool = False
     prompt_format: str = DEFAULT_PROMPT_FORMAT  # how prompt/completion rows are rendered, and later served
@@ -63,13 +64,20 @@ class PersonalizeConfig:
     def validate(self) -> None:
         """Every setting that needs no base, before anything loads: a bad flag costs nothing.
         What needs the base (its context, its linears, this machine's RAM) is `check_fits`."""
-        if self.dtype not in DTYPES:
-            raise OdloraError(f"--dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise OdloraError(f"--dtype: {self.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if self.engine not in ENGINES:
             raise OdloraError(f"--engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
         check_fields(self, {"seq_len": SEQ_LEN, "val_split": VAL_SPLIT, "threads": THREADS})
         check_layers_spec(self.layers)
         self.training.validate()
+
+
+def compute_dtype(cfg: PersonalizeConfig) -> str:
+    """"bf16" or "fp32": `cfg.dtype`, with auto resolved for this CPU (the ExecuTorch engine: fp32)."""
+    if cfg.dtype == "auto" and cfg.engine == "executorch":
+        return "fp32"
+    return resolve_compute_dtype(cfg.dtype)
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -81,7 +89,7 @@ def check_fits(cfg: PersonalizeConfig, lora: LoraConfig, base: Base) -> None:
     check_seq_len(cfg.seq_len, base.config)
     if base.model is not None:  # (a training program fixed its targets and rank when it was exported)
         check_rank(base.model, match_targets(base.model, lora.targets, lora.layers), lora.rank)
-    check_training_memory(base.config, cfg.training.batch_size, cfg.seq_len, DTYPES[cfg.dtype].itemsize,
+    check_training_memory(base.config, cfg.training.batch_size, cfg.seq_len, DTYPES[compute_dtype(cfg)].itemsize,
                           cfg.training.activation_checkpointing)
 
 
@@ -209,10 +217,10 @@ def interrupted(out: Path, engine, lora: LoraConfig, meta: dict, evals: list, ba
 
 def torch_engine(cfg: PersonalizeConfig, base: Base, lora: LoraConfig, say) -> tuple[TorchEngine, dict]:
     """The laptop path: the base quantised and LoRA-wrapped in PyTorch."""
-    model = quantize_base(base.model, cfg.base_quant, DTYPES[cfg.dtype])
+    model = quantize_base(base.model, cfg.base_quant, DTYPES[compute_dtype(cfg)])
     apply_lora(model, lora)
     engine = TorchEngine(model, cfg.training.activation_checkpointing, cfg.training.compile)
-    return engine, {"base_quant": cfg.base_quant, "dtype": cfg.dtype}
+    return engine, {"base_quant": cfg.base_quant, "dtype": compute_dtype(cfg)}
 
 
 def check_executorch_flags(cfg: PersonalizeConfig, lora: LoraConfig) -> None:
@@ -224,7 +232,7 @@ def check_executorch_flags(cfg: PersonalizeConfig, lora: LoraConfig) -> None:
             raise OdloraError(f"--{flag.replace('_', '-')} is not supported by --engine executorch")
     if lora.dropout:
         raise OdloraError("--dropout is not supported by --engine executorch (the program has no random ops)")
-    if cfg.base_quant not in ("none", "int8") or cfg.dtype != "fp32":
+    if cfg.base_quant not in ("none", "int8") or compute_dtype(cfg) != "fp32":
         raise OdloraError("--engine executorch computes in fp32 on a base held as none (fp32) or int8: "
                           "use --base-quant none|int8 --dtype fp32 (the defaults for this engine: none, fp32)")
     if cfg.program is not None:

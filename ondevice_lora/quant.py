@@ -5,8 +5,9 @@ The base never trains, so its linears only need `y = x Wᵀ` forward and `dx = d
 - `int8`: symmetric, one scale per output channel.
 - `int4`: asymmetric, one scale and zero per group of 32 inputs (like GGUF's Q4_1).
 
-Decoding (a few rows, no gradients) runs PyTorch's packed CPU kernels; training dequantises
-each layer to bf16 just for its matmul (see `_DequantizedMatMul`).
+Decoding (a few rows, no gradients) runs PyTorch's packed CPU kernels (bf16); training dequantises
+each layer to the compute dtype (bf16 or fp32, see devices.py) just for its matmul
+(`_DequantizedMatMul`).
 
 Embeddings, norms and the LM head stay in the compute dtype.
 """
@@ -24,7 +25,7 @@ DECODE_ROWS = 16  # up to this many rows (tokens) the packed kernels beat dequan
 
 
 class _DequantizedMatMul(torch.autograd.Function):
-    """y = x Wᵀ with W dequantised to bf16 for this call only, and dx = dy W likewise.
+    """y = x Wᵀ with W dequantised to x's dtype for this call only, and dx = dy W likewise.
 
     QLoRA's recipe: at training batch sizes (hundreds of rows) dequantising a layer costs a
     few percent of its matmul, and the bf16 GEMM beats the packed kernels, which are built for
@@ -34,34 +35,38 @@ class _DequantizedMatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return x @ layer.dequantize().to(x.dtype).t()
+        return x @ layer.dequantize(x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad):
-        return grad @ ctx.layer.dequantize().to(grad.dtype), None
+        return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
 class QuantLinear(nn.Module):
-    """Common shape handling: flatten to 2-D bf16, run the kernel, restore shape and dtype."""
+    """Common shape handling: flatten to 2-D in the compute dtype, run the kernel, restore shape
+    and dtype. Decoding's packed kernels take bf16; training's matmuls run in `dtype`."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
+        bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
         decoding = x2.shape[0] <= DECODE_ROWS and not torch.is_grad_enabled()
-        y = self.packed_matmul(x2) if decoding else _DequantizedMatMul.apply(x2, self)
+        if decoding:
+            y = self.packed_matmul(x2.to(torch.bfloat16)).to(self.dtype)
+        else:
+            y = _DequantizedMatMul.apply(x2, self)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class Int8Linear(QuantLinear):
-    def __init__(self, linear: nn.Linear):
-        super().__init__(linear)
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
+        super().__init__(linear, dtype)
         w = linear.weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
@@ -71,15 +76,15 @@ class Int8Linear(QuantLinear):
     def packed_matmul(self, x):
         return torch._weight_int8pack_mm(x, self.qweight, self.scales)
 
-    def dequantize(self) -> torch.Tensor:
-        # Straight to bf16: |q| <= 127 is exact in bf16, and a bf16 multiply is computed in fp32
-        # and rounded once, so this is bit-identical to dequantising in fp32 with one pass less.
-        return self.qweight.to(torch.bfloat16) * self.scales[:, None]
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        # Straight to the compute dtype: |q| <= 127 is exact in bf16, and a bf16 multiply is computed
+        # in fp32 and rounded once, so this is bit-identical to dequantising in fp32 with one pass less.
+        return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
 
 
 class Int4Linear(QuantLinear):
-    def __init__(self, linear: nn.Linear):
-        super().__init__(linear)
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
+        super().__init__(linear, dtype)
         w = linear.weight.detach().float()
         n, k = w.shape
         if k % INT4_GROUP:
@@ -99,11 +104,11 @@ class Int4Linear(QuantLinear):
     def packed_matmul(self, x):
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_and_zeros)
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         n = self.out_features
         q = torch.stack([self.nibbles & 0xF, self.nibbles >> 4], dim=-1).view(n, -1, INT4_GROUP).float()
         w = q * self.scales.float()[..., None] + self.zeros.float()[..., None]
-        return w.view(n, -1).to(torch.bfloat16)
+        return w.view(n, -1).to(dtype)
 
 
 QUANTISERS = {"int8": Int8Linear, "int4": Int4Linear}
@@ -119,5 +124,5 @@ def quantize_base(model: nn.Module, quant: str, dtype: torch.dtype = torch.bfloa
     for name, module in list(model.named_modules()):
         if name.startswith("model.layers.") and type(module) is nn.Linear:
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, QUANTISERS[quant](module))
+            setattr(model.get_submodule(parent_name), child, QUANTISERS[quant](module, dtype))
     return model

@@ -133,3 +133,31 @@ def test_lora_trains_on_a_quantised_base(tiny_llama_dir, quant):
     assert losses[-1] < losses[0]
     assert all(torch.equal(b, frozen[n]) for n, b in model.named_buffers() if n in frozen)
     assert len(lora_layers(model)) == 14
+
+
+@pytest.mark.parametrize("quantiser", [Int8Linear, Int4Linear])
+def test_quantised_linear_trains_in_the_compute_dtype(quantiser):
+    """In fp32 (devices.py's choice on CPUs without native bf16) the training matmul is fp32 on the
+    dequantised grid, not bf16."""
+    torch.manual_seed(0)
+    q = quantiser(torch.nn.Linear(64, 32), torch.float32)
+    x = torch.randn(40, 64, requires_grad=True)  # more rows than decoding's packed kernels take
+    y = q(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ q.dequantize(torch.float32).t() + q.bias, rtol=0, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(40, 32) @ q.dequantize(torch.float32), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, machine, expected", [
+    (False, False, "x86_64", "fp32"), (True, False, "x86_64", "bf16"), (False, True, "x86_64", "bf16"),
+    (False, False, "aarch64", "bf16"),
+])
+def test_auto_compute_dtype_follows_the_cpu(monkeypatch, avx512_bf16, amx, machine, expected):
+    from ondevice_lora import devices
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(devices.platform, "machine", lambda: machine)
+    assert devices.resolve_compute_dtype("auto") == expected
+    assert devices.resolve_compute_dtype("fp32") == "fp32" and devices.resolve_compute_dtype("bf16") == "bf16"

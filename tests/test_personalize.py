@@ -125,7 +125,7 @@ def test_resume_refuses_a_torn_or_damaged_checkpoint(tiny_llama_dir, dates_jsonl
 @pytest.mark.parametrize("lora, training, message", [
     ({"alpha": float("nan")}, {}, "--alpha: must be a number > 0, got nan"),
     ({}, {"lr": float("inf")}, "--lr: must be a number > 0 and <= 10, got inf"),
-    ({}, {"epochs": float("nan"), "steps": None}, "--epochs: must be a number > 0 and <= 10,000, got nan"),
+    ({}, {"epochs": float("nan"), "steps": None}, "--epochs: must be a number > 0 and <= 10000, got nan"),
 ])
 def test_non_finite_settings_are_refused_by_the_library(tiny_llama_dir, dates_jsonl, tmp_path, lora, training, message):
     with pytest.raises(OdloraError, match=message):
