@@ -28,6 +28,7 @@ from ..errors import OdloraError
 from ..lora import TARGET_PRESETS
 from ..outputs import EXPORT, PACKED, check_output, staged_output, staged_packed
 from ..registry import sha256_file
+from ..schemas import ExportManifest, read_json, to_dict
 from .slots import SlotSpec, slot_tensors
 
 TARGETS = ("onnx", "executorch", "coreml")
@@ -102,16 +103,18 @@ def file_table(root: Path, manifest: str = MANIFEST) -> dict[str, dict]:
 
 
 def read_manifest(export_dir: Path, verify: bool = True) -> dict:
-    """Load an export's manifest; with `verify`, check every file's size and sha256."""
+    """Load an export's manifest (schema-checked, slots consistent); with `verify`, check every
+    file's size and sha256."""
     path = Path(export_dir) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = to_dict(read_json(path, ExportManifest))
     except FileNotFoundError:
         raise OdloraError(f"{export_dir}: not an odlora export (no {MANIFEST})") from None
-    except ValueError as e:
-        raise OdloraError(f"{path}: invalid JSON ({e})") from None
-    if manifest.get("format") != "odlora-export" or manifest.get("format_version") != FORMAT_VERSION:
-        raise OdloraError(f"{path}: unsupported export format {manifest.get('format')!r} v{manifest.get('format_version')}")
+    if "slots" in manifest:
+        try:
+            SlotSpec.from_dict(manifest["slots"])
+        except OdloraError as e:
+            raise OdloraError(f"{path}: slots: {e}") from None
     if verify:
         for name, entry in manifest["files"].items():
             f = Path(export_dir) / name

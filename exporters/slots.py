@@ -66,7 +66,21 @@ class SlotSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SlotSpec":
-        return cls(tuple(d["targets"]), d["max_rank"], d["n_layers"], d["features"], d.get("dtype", "float32"))
+        """The spec of a manifest's `slots` (types checked by schemas.SlotLayout): every target a
+        known projection with its features, in slot order, and the recorded layout the one they give."""
+        unknown = [t for t in d["targets"] if t not in PARENT]
+        if unknown:
+            raise OdloraError(f"slot target {unknown[0]!r} is not one of {', '.join(PARENT)}")
+        lacking = [t for t in d["targets"] if t not in d["features"]]
+        if lacking:
+            raise OdloraError(f"slot target {lacking[0]!r} has no features")
+        targets = tuple(t for g in GROUPS.values() for t in g if t in d["targets"])
+        spec = cls(targets, d["max_rank"], d["n_layers"], d["features"], d.get("dtype", "float32"))
+        if targets != tuple(d["targets"]):
+            raise OdloraError(f"targets {d['targets']} are not once each in slot order {list(targets)}")
+        if "layout" in d and d["layout"] != spec.layout():
+            raise OdloraError("layout does not match targets, features, max_rank and n_layers")
+        return spec
 
     def to_dict(self) -> dict:
         return {**asdict(self), "layout": self.layout()}

@@ -28,9 +28,11 @@ from .errors import OdloraError
 from .lora import LoRALinear, LoraConfig, lora_layers, lora_scaling
 from .prompts import DEFAULT_PROMPT_FORMAT
 from .outputs import ADAPTER, staged_output
+from .schemas import AdapterMeta, Model, PeftAdapterConfig, read_json, to_dict
 
 PEFT_PREFIX = "base_model.model."
-KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight")
+# the module is a dotted path of names and indices (model.layers.0.self_attn.q_proj)
+KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(\w+(?:\.\w+)*)\.lora_([AB])\.weight")
 
 
 @dataclass
@@ -192,13 +194,11 @@ def save_adapter(adapter: Adapter, out: Path, base_name: str) -> None:
         (tmp / "odlora.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _read_json(path: Path) -> dict:
+def _read(path: Path, schema: type[Model]) -> Model:
     try:
-        return json.loads(path.read_text())
+        return read_json(path, schema)
     except FileNotFoundError:
         raise OdloraError(f"{path.parent}: not an adapter directory (no {path.name})") from None
-    except ValueError as e:
-        raise OdloraError(f"{path}: invalid JSON ({e})") from None
 
 
 def load_adapter(path: Path) -> Adapter:
@@ -206,15 +206,16 @@ def load_adapter(path: Path) -> Adapter:
     path = Path(path)
     if not path.is_dir():
         raise OdloraError(f"{path}: no such adapter directory")
-    cfg = _read_json(path / "adapter_config.json")
-    meta = _read_json(path / "odlora.json") if (path / "odlora.json").exists() else {}
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise OdloraError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for flag, bad in (("use_dora", True), ("fan_in_fan_out", True)):
-        if cfg.get(flag) == bad:
-            raise OdloraError(f"{path}: adapter_config {flag}={bad} is not supported")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise OdloraError(f"{path}: adapters that train biases or whole modules are not supported")
+    config_file = path / "adapter_config.json"
+    cfg = _read(config_file, PeftAdapterConfig)
+    meta = to_dict(_read(path / "odlora.json", AdapterMeta)) if (path / "odlora.json").exists() else {}
+    if cfg.peft_type != "LORA":
+        raise OdloraError(f"{config_file}: peft_type {cfg.peft_type!r} is not LORA")
+    for flag in ("use_dora", "fan_in_fan_out"):
+        if getattr(cfg, flag):
+            raise OdloraError(f"{config_file}: {flag}=true is not supported")
+    if cfg.bias != "none" or cfg.modules_to_save:
+        raise OdloraError(f"{config_file}: adapters that train biases or whole modules are not supported")
     weights = path / "adapter_model.safetensors"
     try:
         tensors = load_file(str(weights))
@@ -223,11 +224,17 @@ def load_adapter(path: Path) -> Adapter:
     except (SafetensorError, OSError) as e:
         raise OdloraError(f"{weights}: corrupt safetensors file ({e})") from None
     A, B = _split_factors(tensors, weights)
-    alpha, use_rslora = float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora", False))
-    scalings = {n: lora_scaling(_pattern(cfg.get("alpha_pattern"), n, alpha), A[n].shape[0], use_rslora) for n in A}
-    config = LoraConfig(rank=int(cfg.get("r", max(a.shape[0] for a in A.values()))), alpha=alpha,
-                        targets=tuple(sorted({n.rsplit(".", 1)[1] for n in A})), use_rslora=use_rslora)
+    for name in sorted(A):
+        _check_factors(name, A[name], B[name], _pattern(cfg.rank_pattern, name, cfg.r), weights)
+    scalings = {n: lora_scaling(_pattern(cfg.alpha_pattern, n, cfg.lora_alpha), A[n].shape[0], cfg.use_rslora)
+                for n in A}
+    config = LoraConfig(rank=cfg.r or max(a.shape[0] for a in A.values()), alpha=cfg.lora_alpha,
+                        targets=tuple(sorted({n.rsplit(".", 1)[1] for n in A})), use_rslora=cfg.use_rslora)
     return Adapter(A=A, B=B, scalings=scalings, config=config, meta=meta)
+
+
+def _key(name: str, factor: str) -> str:
+    return f"{PEFT_PREFIX}{name}.lora_{factor}.weight"
 
 
 def _split_factors(tensors: dict, source: Path) -> tuple[dict, dict]:
@@ -235,21 +242,41 @@ def _split_factors(tensors: dict, source: Path) -> tuple[dict, dict]:
     for key, t in tensors.items():
         m = KEY.fullmatch(key.replace(".default.", "."))
         if not m:
-            raise OdloraError(f"{source}: unexpected tensor {key} (expected PEFT LoRA keys)")
+            raise OdloraError(f"{source}: unexpected tensor {key} (expected PEFT LoRA keys "
+                              f"{PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight)")
+        if not t.is_floating_point():
+            raise OdloraError(f"{source}: tensor {key} is {str(t.dtype).removeprefix('torch.')}, not floating point")
         (A if m[2] == "A" else B)[m[1]] = t.float()
     if not A:
         raise OdloraError(f"{source}: holds no LoRA tensors")
     for name in A.keys() | B.keys():
         if name not in A or name not in B:
             raise OdloraError(f"{source}: module {name} lacks its lora_{'A' if name not in A else 'B'} tensor")
-        if A[name].shape[0] != B[name].shape[1] or A[name].ndim != 2:
-            raise OdloraError(f"{source}: module {name} has mismatched ranks {tuple(A[name].shape)} / {tuple(B[name].shape)}")
     return A, B
 
 
-def _pattern(patterns: Optional[dict], name: str, default: float) -> float:
-    """PEFT's per-module override: a key matches a module name ending in it."""
-    for key, value in (patterns or {}).items():
+def _check_factors(name: str, a: torch.Tensor, b: torch.Tensor, rank: Optional[int], source: Path) -> None:
+    """A (r, in) and B (out, r) with r >= 1 (the config's rank when it gives one), finite values."""
+    for factor, t in (("A", a), ("B", b)):
+        if t.ndim != 2:
+            raise OdloraError(f"{source}: tensor {_key(name, factor)} has shape {tuple(t.shape)}: "
+                              f"a LoRA factor is a matrix")
+        if t.numel() == 0:
+            raise OdloraError(f"{source}: tensor {_key(name, factor)} has shape {tuple(t.shape)}: "
+                              f"{'rank 0' if t.shape[factor == 'B'] == 0 else 'no features'}")
+        if not torch.isfinite(t).all():
+            raise OdloraError(f"{source}: tensor {_key(name, factor)} holds NaN or infinite values")
+    if a.shape[0] != b.shape[1]:
+        raise OdloraError(f"{source}: tensors {_key(name, 'A')} {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                          f"disagree on the rank (A's rows, B's columns)")
+    if rank is not None and a.shape[0] != rank:
+        raise OdloraError(f"{source}: tensor {_key(name, 'A')} has rank {a.shape[0]}, "
+                          f"adapter_config.json says {rank}")
+
+
+def _pattern(patterns: dict, name: str, default):
+    """PEFT's per-module override (rank_pattern, alpha_pattern): a key matches a module name ending in it."""
+    for key, value in patterns.items():
         if re.fullmatch(rf"(.*\.)?{key}", name):
-            return float(value)
+            return value
     return default

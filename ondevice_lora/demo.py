@@ -33,6 +33,7 @@ from .errors import OdloraError
 from .lora import TARGET_PRESETS
 from .registry import sha256_file
 from .samples import SAMPLE_TASKS, exact_match, load_examples, sample_path
+from .schemas import DemoState, read_json, to_dict
 
 STATE = "demo-state.json"
 TARGETS = ("onnx", "executorch")
@@ -105,7 +106,7 @@ class Stages:
 
     def __init__(self, out: Path, total: int, fresh: bool, say: Callable[[str], None]):
         self.path, self.total, self.say = out / STATE, total, say
-        self.state = {} if fresh else _read_json(self.path)
+        self.state = {} if fresh else _read_state(self.path)
         self.timings: dict[str, dict] = {}
 
     def run(self, name: str, key: dict, make: Callable[[], dict], valid: Callable[[dict], bool] = lambda r: True,
@@ -153,12 +154,15 @@ def _holds(valid, result) -> bool:
         return False
 
 
-def _read_json(path: Path) -> dict:
+def _read_state(path: Path) -> dict:
+    """The recorded stages; none before the first run. A damaged file is an error, not a silent
+    redo of every stage: --fresh is how to start over."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        return to_dict(read_json(path, DemoState))
+    except FileNotFoundError:
         return {}
-    return data if isinstance(data, dict) else {}
+    except OdloraError as e:
+        raise OdloraError(f"{e} (--fresh ignores it and redoes every stage)") from None
 
 
 def _jsonable(value):
@@ -256,10 +260,12 @@ def export_stage(cfg: DemoConfig, target: str, say) -> dict:
 def export_valid(result: dict) -> bool:
     """The manifest is the one recorded and every file it lists has its size (the runtime checks
     the checksums when it opens the export)."""
+    from .exporters.export import read_manifest
+
     root = Path(result["dir"])
     if sha256_file(root / "manifest.json") != result["manifest_sha256"]:
         return False
-    manifest = json.loads((root / "manifest.json").read_text())
+    manifest = read_manifest(root, verify=False)
     return all((root / name).is_file() and (root / name).stat().st_size == entry["size"]
                for name, entry in manifest["files"].items())
 

@@ -16,6 +16,9 @@ from typing import Mapping
 
 import torch
 
+from .errors import OdloraError
+from .schemas import FingerprintCacheEntry, read_json
+
 
 def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
@@ -37,10 +40,10 @@ def cached_fingerprint(cache_dir: Path, files: list[Path], compute) -> str:
     entry = cache_dir / f"{key}.json"
     if entry.is_file():
         try:
-            stored = json.loads(entry.read_text())
-            if stored.get("files") == stamp:
-                return stored["fingerprint"]
-        except (OSError, ValueError, KeyError):
+            stored = read_json(entry, FingerprintCacheEntry)
+            if stored.files == stamp:
+                return stored.fingerprint
+        except (OSError, OdloraError):
             pass  # a damaged cache entry is recomputed, never trusted
     fingerprint = compute()
     try:

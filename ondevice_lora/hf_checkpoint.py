@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .errors import OdloraError
 from .outputs import MODEL, MODEL_MARKER, staged_output
+from .schemas import HFConfig, SafetensorsIndex, read_json, to_dict
 
 
 def read_config(path: Path) -> dict:
@@ -21,20 +22,14 @@ def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise OdloraError(f"{path}: no config.json (not a Hugging Face model directory)")
-    try:
-        return json.loads(config_file.read_text())
-    except ValueError as e:
-        raise OdloraError(f"{config_file}: invalid JSON ({e})") from None
+    return to_dict(read_json(config_file, HFConfig))
 
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a model directory, single-file or sharded (with index)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise OdloraError(f"{index}: not a safetensors index ({e})") from None
+        shards = sorted(set(read_json(index, SafetensorsIndex).weight_map.values()))
         files = [path / s for s in shards]
         missing = [f.name for f in files if not f.is_file()]
         if missing:

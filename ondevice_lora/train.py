@@ -43,6 +43,7 @@ from .errors import OdloraError
 from .evaluate import evaluate_loss, token_loss
 from .outputs import CHECKPOINT, staged_output
 from .registry import sha256_file
+from .schemas import CheckpointState, read_json, to_dict
 
 
 DEFAULT_EPOCHS = 3.0
@@ -183,16 +184,18 @@ def save_checkpoint(path: Path, params: dict, optimizer, state: dict, rng: torch
 
 def load_checkpoint(path: Path, params: dict, optimizer, expect: dict) -> dict:
     try:
-        state = json.loads((path / "state.json").read_text())
-        intact = state.get("sha256") == sha256_file(path / "state.safetensors")
-    except (OSError, ValueError, AttributeError) as e:
+        state = to_dict(read_json(path / "state.json", CheckpointState))
+        intact = state["sha256"] == sha256_file(path / "state.safetensors")
+    except OdloraError as e:
+        raise OdloraError(f"--resume: {e}") from None
+    except OSError as e:
         raise OdloraError(f"--resume: no usable checkpoint at {path} ({e})") from None
     if not intact:
         raise OdloraError(f"--resume: checkpoint {path} is torn or damaged (state.safetensors does not match the "
                           f"sha256 in state.json); start without --resume")
     tensors = load_file(str(path / "state.safetensors"))
     for key, value in expect.items():
-        if state.get("identity", {}).get(key) != value:
+        if state["identity"].get(key) != value:
             raise OdloraError(f"--resume: checkpoint {path} was made with a different {key}; start without --resume")
     with torch.no_grad():
         for n, p in params.items():

@@ -16,7 +16,6 @@ which fits the export's slots only while the used ranks add up to at most R (per
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections import OrderedDict
@@ -31,8 +30,7 @@ from ..errors import OdloraError
 from ..exporters.slots import SlotSpec
 from ..prompts import DEFAULT_PROMPT_FORMAT
 from ..registry import sha256_file
-
-PACKED_FORMAT = "odlora-packed-adapter"
+from ..schemas import PackedSidecar, read_json, to_dict
 
 
 @dataclass
@@ -55,19 +53,15 @@ def read_sidecar(blob: Path, manifest: dict) -> dict:
         raise OdloraError(f"{blob}: no such packed adapter")
     sidecar = pair_sidecar(blob)  # `<blob>.json`, or the pending one of a pack killed mid-commit (atomic.py)
     try:
-        info = json.loads(sidecar.read_text())
+        info = to_dict(read_json(sidecar, PackedSidecar))
     except FileNotFoundError:
         raise OdloraError(f"{blob}: no sidecar {sidecar.name} (written by `odlora adapter pack`), so its base "
                           f"and target cannot be checked; pack the adapter against this export") from None
-    except ValueError as e:
-        raise OdloraError(f"{sidecar}: invalid JSON ({e})") from None
-    if not isinstance(info, dict) or info.get("format") != PACKED_FORMAT:
-        raise OdloraError(f"{sidecar}: not a packed-adapter sidecar (format {info.get('format') if isinstance(info, dict) else None!r})")
-    if info.get("target") != manifest["target"]:
-        raise OdloraError(f"{blob}: packed for a {info.get('target')} export, this export is {manifest['target']}; "
+    if info["target"] != manifest["target"]:
+        raise OdloraError(f"{blob}: packed for a {info['target']} export, this export is {manifest['target']}; "
                           f"pack the adapter against this export")
-    if info.get("base_fingerprint") != manifest["base_fingerprint"]:
-        raise OdloraError(f"{blob}: packed for base {str(info.get('base_fingerprint'))[:19]}..., this export's base is "
+    if info["base_fingerprint"] != manifest["base_fingerprint"]:
+        raise OdloraError(f"{blob}: packed for base {info['base_fingerprint'][:19]}..., this export's base is "
                           f"{manifest['base_fingerprint'][:19]}... (a different base); pack the adapter against this export")
     check_checksum(blob, info)
     return info

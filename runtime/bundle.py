@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Optional
 
 from .. import __version__
@@ -40,11 +40,11 @@ from ..exporters.export import MANIFEST, file_table, read_manifest
 from ..outputs import BUNDLE, check_output, staged_output
 from ..prompts import DEFAULT_PROMPT_FORMAT, has_chat_template, render_chat, stop_token_ids
 from ..registry import sha256_file
+from ..schemas import BundleManifest, read_json, to_dict
 from .adapters import read_sidecar
 
 BUNDLE_MANIFEST = "bundle.json"
-BUNDLE_FORMAT = "odlora-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_FORMAT, BUNDLE_VERSION = BundleManifest.FORMAT, BundleManifest.VERSION
 BASE_DIR, ADAPTERS_DIR = "base", "adapters"
 _MESSAGE = "\x00odlora-message\x00"  # stands for the user's text when the chat template is rendered
 
@@ -141,23 +141,15 @@ def open_bundle(path: Path, base: Optional[Bundle] = None) -> Bundle:
     path = Path(path)
     manifest_path = path / BUNDLE_MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = to_dict(read_json(manifest_path, BundleManifest))  # types, paths inside, format version
     except FileNotFoundError:
         raise OdloraError(f"{path}: not an odlora bundle (no {BUNDLE_MANIFEST})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise OdloraError(f"{manifest_path}: invalid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise OdloraError(f"{manifest_path}: not an odlora bundle manifest")
-    if manifest.get("format_version") != BUNDLE_VERSION:
-        raise OdloraError(f"{manifest_path}: unknown bundle format version {manifest.get('format_version')!r} "
-                          f"(this odlora reads version {BUNDLE_VERSION})")
-    for field in ("kind", "target", "base_fingerprint", "slots", "adapters", "files"):
-        if field not in manifest:
-            raise OdloraError(f"{manifest_path}: field {field!r} is missing")
     verify_files(path, manifest["files"])
     for adapter in manifest["adapters"]:
-        check_adapter_id(str(adapter.get("id")))
-        safe_relative(path, adapter.get("file"))
+        try:
+            check_adapter_id(adapter["id"])
+        except OdloraError as e:
+            raise OdloraError(f"{manifest_path}: {e}") from None
         if adapter["file"] not in manifest["files"]:
             raise OdloraError(f"{manifest_path}: adapter {adapter['id']!r} file {adapter['file']} is not listed in files")
     bundle = Bundle(path, manifest)
@@ -171,21 +163,16 @@ def open_bundle(path: Path, base: Optional[Bundle] = None) -> Bundle:
 
 
 def verify_files(root: Path, files: dict) -> None:
-    if not isinstance(files, dict) or not files:
-        raise OdloraError(f"{root / BUNDLE_MANIFEST}: 'files' must list the bundle's files")
     for name, entry in files.items():
         f = safe_relative(root, name)
         if not f.is_file():
             raise OdloraError(f"{root}: file {name} listed in {BUNDLE_MANIFEST} is missing")
-        if f.stat().st_size != entry.get("size") or sha256_file(f) != entry.get("sha256"):
+        if f.stat().st_size != entry["size"] or sha256_file(f) != entry["sha256"]:
             raise OdloraError(f"{root}: file {name} does not match its sha256 in {BUNDLE_MANIFEST} (corrupt or changed)")
 
 
-def safe_relative(root: Path, name) -> Path:
-    """root/name, refusing absolute paths, `..` and links that lead out of the bundle."""
-    parts = PurePosixPath(str(name)).parts
-    if not isinstance(name, str) or not parts or name.startswith("/") or ".." in parts or "\\" in name:
-        raise OdloraError(f"{root / BUNDLE_MANIFEST}: path {name!r} leaves the bundle")
+def safe_relative(root: Path, name: str) -> Path:
+    """root/name, refusing links that lead out of the bundle (the schema refused absolute paths and `..`)."""
     resolved = (root / name).resolve()
     if not resolved.is_relative_to(root.resolve()):
         raise OdloraError(f"{root / BUNDLE_MANIFEST}: path {name!r} leaves the bundle (through a link)")
