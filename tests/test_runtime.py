@@ -348,7 +348,7 @@ def test_coreml_export_is_refused_off_macos(built, tmp_path, monkeypatch):
     fake = tmp_path / "coreml"
     shutil.copytree(built["export"] / "tokenizer", fake / "tokenizer")
     manifest = json.loads((built["export"] / "manifest.json").read_text())
-    manifest.update(target="coreml", files={})
+    manifest.update(target="coreml", files={}, coreml={"package": "model.mlpackage", "inputs": {}})
     (fake / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr("sys.platform", "linux")
     with pytest.raises(OdloraError, match="Core ML runs models only on macOS"):
