@@ -454,9 +454,11 @@ def describe(error: ValidationError) -> str:
         phrase = phrase.format(**first.get("ctx", {}))
     else:
         phrase = first["msg"].replace("Input should be", "must be").removeprefix("Value error, ")
-    # A field's value is shown unless the phrase or the field (a dict key) names it already; a
-    # whole-file problem (format, version, a missing section) is its own message.
-    shown = loc and kind != "missing" and loc[-1] != "[key]" and str(first["input"]) not in phrase
+    # A field's value is shown unless there is none (missing), the phrase says it all (a length)
+    # or names it already (a path), or the field is a dict key; a whole-file problem (format,
+    # version, a missing section) is its own message.
+    named = kind == "value_error" and repr(first["input"]) in phrase
+    shown = loc and loc[-1] != "[key]" and kind not in ("missing", "too_short", "too_long") and not named
     text = f"{phrase}, got {_shown(first['input'])}" if shown else phrase
     where = _field(loc)
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
