@@ -10,7 +10,8 @@ Fields that odlora does not use are allowed and kept: PEFT writes many, and a ne
 add some. Whatever is wrong, `read_json` raises one `OdloraError` line naming the file and the
 field, e.g. `adapters/x/adapter_config.json: r: must be an integer, got "eight"`.
 
-This module is the files' contract: it imports nothing of ours but errors.py.
+This module is the files' contract: it imports nothing of ours but errors.py and user_files.py
+(how a file a user named is read).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import errno
 import json
 import re
-import stat
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar, Union
 
@@ -27,6 +27,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, RootModel, V
 from pydantic_core import PydanticCustomError
 
 from .errors import OdloraError
+from .user_files import read_regular_file
 
 MAX_JSON_BYTES = 64 * 2**20  # far above any file odlora writes; a larger one is not ours
 MAX_RANK = 65536
@@ -100,6 +101,7 @@ Regex = Annotated[str, AfterValidator(_regex)]
 ExportPath = Annotated[str, inside("export")]
 BundlePath = Annotated[str, inside("bundle")]
 Free = dict[str, Any]  # an object whose content odlora does not interpret (metrics, statistics)
+PromptFormat = Literal["chat", "raw"]  # how an adapter is asked (prompts.PROMPT_FORMATS)
 
 
 class Versioned(Schema):
@@ -163,6 +165,7 @@ class AdapterMeta(Schema):
     modules: Optional[Count] = None
     parameters: Optional[Count] = None
     interrupted: Optional[bool] = None
+    prompt_format: Optional[PromptFormat] = None
     metrics: Free = {}
     data: Free = {}
     training: Free = {}
@@ -181,6 +184,7 @@ class PackedSidecar(Versioned):
     adapter: Optional[str] = None
     rank: Optional[Rank] = None
     modules: Optional[Count] = None
+    prompt_format: Optional[PromptFormat] = None
     metrics: Free = {}
 
 
@@ -288,7 +292,7 @@ class ExportManifest(Versioned):
 
 # -- bundles ---------------------------------------------------------------------------------------------
 
-class PromptFormat(Schema):
+class PromptTemplate(Schema):
     chat_prefix: str
     chat_suffix: str
     stop_ids: list[Index]
@@ -299,6 +303,7 @@ class BundleAdapter(Schema):
     file: BundlePath
     rank: Optional[Rank] = None
     metrics: Free = {}
+    prompt_format: Optional[PromptFormat] = None
 
 
 class BundleManifest(Versioned):
@@ -311,7 +316,7 @@ class BundleManifest(Versioned):
     base_fingerprint: Fingerprint
     slots: SlotLayout
     max_seq_len: Optional[Count] = None
-    prompt: Optional[PromptFormat] = None
+    prompt: Optional[PromptTemplate] = None
     adapters: list[BundleAdapter]
     files: Annotated[dict[BundlePath, FileEntry], Field(min_length=1)]
 
@@ -387,7 +392,9 @@ def read_json(path: Path, schema: type[Model]) -> Model:
     """The file at `path` validated by `schema`. Raises FileNotFoundError when it does not exist
     (each caller says what that means), OdloraError naming file and field for anything else."""
     path = Path(path)
-    raw = _read_bytes(path)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+    raw = read_regular_file(path, MAX_JSON_BYTES)  # no FIFO hang, no file larger than ours can be
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -401,20 +408,6 @@ def read_json(path: Path, schema: type[Model]) -> Model:
 def to_dict(model: BaseModel) -> dict:
     """The validated file as the plain dict `json.loads` would give (defaults not filled in)."""
     return model.model_dump(by_alias=True, exclude_unset=True)
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise OdloraError(f"{path}: not a regular file")
-        if info.st_size > MAX_JSON_BYTES:
-            raise OdloraError(f"{path}: {info.st_size} bytes, more than any odlora JSON file ({MAX_JSON_BYTES} at most)")
-        return path.read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path)) from None
-    except OSError as e:
-        raise OdloraError(f"{path}: cannot read it ({e.strerror})") from None
 
 
 # pydantic error type -> our phrase (`{...}` from the error's context); others keep pydantic's

@@ -49,8 +49,12 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
         raise OdloraError(f"{path}: cannot open ({e.strerror or e})") from None
+    try:
+        check_regular(path, os.fstat(fd), max_bytes)  # before fdopen, which refuses a directory itself
+    except OdloraError:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "rb") as f:
-        check_regular(path, os.fstat(fd), max_bytes)
         try:
             data = f.read(max_bytes + 1)  # one byte more tells a file that grew since fstat
         except OSError as e:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from ondevice_lora import schemas
 from ondevice_lora.adapter import load_adapter
 from ondevice_lora.errors import OdloraError
 from ondevice_lora.fingerprint import cached_fingerprint
+from ondevice_lora.prompts import PROMPT_FORMATS
 from ondevice_lora.schemas import read_json, to_dict
 from ondevice_lora.train import save_checkpoint
 from test_runtime import make_adapter, run_cli
@@ -216,6 +218,7 @@ CASES = {
         ("targets a string", put("targets", "q_proj"), 'targets: must be a list, got "q_proj"'),
         ("metrics a list", put("metrics", [1]), "metrics: must be an object, got a list"),
         ("format another", put("format", "odlora-export"), "format: must be 'odlora-adapter'"),
+        ("prompt_format unknown", put("prompt_format", "alpaca"), "prompt_format: must be 'chat' or 'raw', got \"alpaca\""),
     ],
     "manifest": [
         ("no slots", drop("slots"), "an export for onnx needs its 'slots'"),
@@ -262,6 +265,7 @@ CASES = {
         ("size infinite", put("size", float("inf")), "size: must be an integer, got Infinity"),
         ("rank zero", put("rank", 0), "rank: must be >= 1"),
         ("metrics a list", put("metrics", []), "metrics: must be an object, got a list"),
+        ("prompt_format a boolean", put("prompt_format", True), "prompt_format: must be 'chat' or 'raw', got true"),
     ],
     "bundle": [
         ("format_version 2", put("format_version", 2), "unknown bundle format version 2"),
@@ -286,6 +290,8 @@ CASES = {
         ("base_fingerprint malformed", put("base_fingerprint", "sha256:"), "base_fingerprint: must be 'sha256:'"),
         ("prompt stop_ids words", put("prompt", "stop_ids", ["<|im_end|>"]), 'prompt.stop_ids[0]: must be an integer, got "<|im_end|>"'),
         ("max_seq_len NaN", put("max_seq_len", float("nan")), "max_seq_len: must be an integer, got NaN"),
+        ("adapter prompt_format unknown", put("adapters", [{"id": "a", "file": "adapters/a.onnx_adapter", "prompt_format": "x"}]),
+         "adapters[0].prompt_format: must be 'chat' or 'raw'"),
     ],
     "state": [
         ("step a string", put("step", "1"), 'step: must be an integer, got "1"'),
@@ -357,12 +363,16 @@ def test_a_corrupted_json_file_is_one_clean_error(valid, tmp_path, monkeypatch, 
 @pytest.mark.parametrize("make,named", [
     (lambda f: (f.unlink(), f.mkdir()), "not a regular file"),
     (lambda f: (f.unlink(), os.mkfifo(f)), "not a regular file"),  # read, it would hang
-    (lambda f: os.truncate(f, schemas.MAX_JSON_BYTES + 1), "more than any odlora JSON file"),
+    (lambda f: os.truncate(f, schemas.MAX_JSON_BYTES + 1), "is over the limit of 64.0 MiB"),
 ], ids=["a directory", "a FIFO", "too large"])
 def test_a_json_path_that_is_no_small_regular_file_is_refused(valid, tmp_path, monkeypatch, capsys, kind, make, named):
     file, argv = KINDS[kind](valid, tmp_path)
     make(file)
     assert_refused(monkeypatch, capsys, tmp_path, argv, file, named)
+
+
+def test_the_schemas_prompt_formats_are_the_runtimes():
+    assert get_args(schemas.PromptFormat) == PROMPT_FORMATS
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
