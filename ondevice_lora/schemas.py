@@ -91,7 +91,7 @@ def either(what: str) -> WrapValidator:
 
 
 Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
-Index = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Index = Annotated[int, Field(ge=0, le=MAX_COUNT)]  # a position, a token id, a step: 0 or more
 Rank = Annotated[int, Field(ge=1, le=MAX_RANK)]
 Size = Annotated[int, Field(ge=0, le=MAX_FILE_BYTES)]
 Positive = Annotated[float, Field(gt=0)]

@@ -303,12 +303,14 @@ def test_a_symlink_the_user_names_is_read(world, tmp_path, monkeypatch, capsys):
 
 def test_an_unreadable_file_is_one_line(world, tmp_path, monkeypatch, capsys):
     """Permissions: simulated, since these tests may run as root (who reads every file)."""
-    class Unreadable:  # the os module as user_files sees it, but every open() is refused
+    class Unreadable:  # the os module as user_files sees it, but open() of the data file is refused
         def __getattr__(self, name):
             return getattr(os, name)
 
         def open(self, path, *args, **kwargs):
-            raise PermissionError(13, "Permission denied", str(path))
+            if Path(path) == Path(world["data"]):
+                raise PermissionError(13, "Permission denied", str(path))
+            return os.open(path, *args, **kwargs)  # the base's JSON files are read through user_files too
 
     monkeypatch.setattr("ondevice_lora.user_files.os", Unreadable())
     code, out, err = run_cli(monkeypatch, capsys, "personalize", "--base", world["base"], "--data", world["data"],

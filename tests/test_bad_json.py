@@ -1,6 +1,6 @@
 """Every JSON file odlora reads, corrupted one field at a time, and PEFT tensors that are not LoRA factors.
 
-    python -m pytest -q tests/test_bad_json.py      # one tiny ONNX export, packed and bundled once (~30 s)
+    python -m pytest -q tests/test_bad_json.py      # one tiny ONNX export, packed and bundled once (~40 s)
 
 Each case runs the `odlora` command that reads the file and asserts: exit 2, exactly one line on
 stderr starting `odlora: error:` that names the file and the field, nothing on stdout, and every
