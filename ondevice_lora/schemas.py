@@ -212,17 +212,28 @@ class OnnxInput(Schema):
     shape: list[Annotated[Union[Index, str], either("a dimension (a number or a name)")]]
 
 
+class CacheLayout(Schema):
+    past: list[str]  # the KV cache inputs, one per layer and key/value
+    present: list[str]
+    shape: Annotated[list[Count], Field(min_length=4, max_length=4)]  # (1, kv heads, positions, head dim)
+
+
 class OnnxFields(Schema):
     model: ExportPath
     inputs: list[OnnxInput]
     slot_inputs: list[str]
-    cache_layout: Free
+    cache_layout: CacheLayout
+
+
+class ExecutorchMethods(Schema):
+    forward: Count  # tokens per call of each method
+    prefill: Count
 
 
 class ExecutorchFields(Schema):
     program: ExportPath
     data: Optional[ExportPath] = None
-    methods: dict[str, Count]
+    methods: ExecutorchMethods
 
 
 class CoremlArray(Schema):

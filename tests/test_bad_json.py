@@ -248,6 +248,8 @@ CASES = {
         ("no onnx section", drop("onnx"), "an export for onnx needs its 'onnx' section"),
         ("onnx.model absolute", put("onnx", "model", "/etc/passwd"), "onnx.model: path '/etc/passwd' leaves the export"),
         ("onnx.inputs a string", put("onnx", "inputs", "x"), 'onnx.inputs: must be a list, got "x"'),
+        ("onnx cache shape short", put("onnx", "cache_layout", "shape", [1, 2]), "onnx.cache_layout.shape: must have at least 4"),
+        ("onnx cache names missing", drop("onnx", "cache_layout", "past"), "onnx.cache_layout.past: is missing"),
         ("onnx input shape a boolean", lambda m: put("onnx", "inputs", [{"name": "x", "shape": [True]}])(m),
          "onnx.inputs[0].shape[0]: must be a dimension"),
     ],
