@@ -51,7 +51,7 @@ def valid(tiny_model_factory, tmp_path_factory):
     optimizer = torch.optim.AdamW(params.values())
     save_checkpoint(root / ".ad.checkpoint", params, optimizer,
                     {"step": 1, "history": {"val": [{"step": 0, "loss": 2.5, "perplexity": 12.2, "tokens": 9}]},
-                     "identity": {"base": "sha256:" + SHA}})
+                     "identity": {"base": "sha256:" + SHA}}, torch.get_rng_state())
     (root / "demo").mkdir()
     (root / "demo" / "demo-state.json").write_text(json.dumps(
         {"personalize dates": {"key": {"steps": 2}, "result": {"dir": "adapters/dates"}}}))
@@ -302,6 +302,8 @@ CASES = {
         ("history.val empty", put("history", "val", []), "history.val: must have at least 1 item"),
         ("val loss NaN", put("history", "val", [{"step": 0, "loss": float("nan")}]), "history.val[0].loss: must be a finite number"),
         ("identity a list", put("identity", []), "identity: must be an object, got a list"),
+        ("sha256 missing", drop("sha256"), "sha256: is missing"),
+        ("sha256 a number", put("sha256", 0), "sha256: must be a string, got 0"),
     ],
     "demo_state": [
         ("stage a list", put("personalize dates", []), '["personalize dates"]: must be an object, got a list'),
