@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from ondevice_lora.adapter import load_adapter
-from ondevice_lora.cli import main
 from ondevice_lora.errors import OdloraError
 from ondevice_lora.exporters.export import pack
 from ondevice_lora.generate import SamplingConfig
@@ -23,6 +21,7 @@ from ondevice_lora.prompts import encode_prompt
 from ondevice_lora.runtime import Runtime
 from ondevice_lora.runtime.bundle import write_bundle
 from ondevice_lora.train import TrainConfig, underfit_hint
+from test_adapter import run_cli
 from test_native import native  # noqa: F401 (the native build fixture)
 from test_runtime import PROMPT, make_adapter
 
@@ -95,16 +94,6 @@ def test_the_runtime_asks_each_adapter_as_it_was_trained(formats):
                      {"role": "user", "content": "c"}], adapter="r")
     with pytest.raises(OdloraError, match="different prompt formats"):
         rt.generate(PROMPT, adapter=[("c", 0.5), ("r", 0.5)])
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["odlora", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
 
 
 def test_run_warns_in_one_line_when_asked_otherwise(formats, monkeypatch, capsys):
