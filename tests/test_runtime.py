@@ -291,7 +291,7 @@ BAD_REQUESTS = {
     "prompt too long": (dict(prompt="The cat looks at the river. " * 20), f"--max-seq-len {MAX_SEQ}"),
     "message without a role": (dict(prompt=[{"content": "hi"}]), "a prompt is a string or a list of"),
     "no messages": (dict(prompt=[]), "a prompt is a string or a list of"),
-    "bad sampling": (dict(sampling=SamplingConfig(max_new_tokens=0)), "--max-new-tokens must be >= 1"),
+    "bad sampling": (dict(sampling=SamplingConfig(max_new_tokens=0)), "--max-new-tokens: must be an integer >= 1"),
 }
 
 
