@@ -63,6 +63,16 @@ TINY_VARIANTS = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """`heavy` tests run only with ODLORA_HEAVY=1: on CI's AVX2-only CPU each takes tens of minutes."""
+    if os.environ.get("ODLORA_HEAVY") == "1":
+        return
+    skip = pytest.mark.skip(reason="heavy: set ODLORA_HEAVY=1 to run it (tens of minutes on an AVX2-only CPU)")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def one_thread_for_tiny_models(request):
     """Run fast tests on one intra-op thread.

@@ -263,15 +263,16 @@ def test_default_base_export(default_base, default_adapter, default_export, tmp_
     5% and at most 0.3x the fp32 size.
 
     8da4w keeps this Q4_1 base's own 4-bit grid (GridOffsetLinear): measured perplexity 26.99,
-    107.6 MB. Each export lowers 30 layers for minutes of single-threaded Python, so the three run
-    side by side.
+    107.6 MB. Each export lowers 30 layers for minutes of single-threaded Python, so the two run
+    side by side (8da8w, checked on the tiny model, is left out here: a third export on two cores
+    cost CI minutes).
     """
     from ondevice_lora.prompts import encode_prompt, stop_token_ids
     from ondevice_lora.registry import DEFAULT_BASE
     from ondevice_lora.samples import __file__ as samples_init
 
     tokenizer = default_base.tokenizer
-    exports = {quant: tmp_path / quant for quant in ("8da8w", "8da4w")}
+    exports = {quant: tmp_path / quant for quant in ("8da4w",)}
     with ProcessPoolExecutor(len(exports), mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(export, DEFAULT_BASE, "executorch", out, quant=quant, max_seq_len=REAL_SEQ, say=print)
                 for quant, out in exports.items()]
@@ -306,7 +307,7 @@ def test_default_base_export(default_base, default_adapter, default_export, tmp_
     ids = tokenizer.encode(text, add_special_tokens=False)
     stops = tuple(stop_token_ids(tokenizer, default_base.config))
     ppl32 = sessions["fp32"].perplexity(ids)
-    for quant in ("8da8w", "8da4w"):
+    for quant in ("8da4w",):
         assert size[quant] <= 0.3 * size["fp32"], quant
         assert "Paris" in tokenizer.decode(sessions[quant].greedy(prompt, 24, stop_ids=stops)), quant
         ppl = sessions[quant].perplexity(ids)
