@@ -312,13 +312,14 @@ def config_identity(base_fingerprint: str, lora: dict, train_cfg: TrainConfig, d
 
 def underfit_hint(step_losses: list[float]) -> Optional[str]:
     """A one-line hint when the run ended while the training loss was still falling fast: the mean
-    loss of the last quarter of the steps more than 15% below the quarter before it."""
+    loss of the last quarter of the steps more than 15% below the quarter before it, and still above
+    0.1 (below it the answers are already learnt: 0.057 -> 0.024 is no sign of underfitting)."""
     quarter = len(step_losses) // 4
     if quarter < 2:
         return None
     before = sum(step_losses[-2 * quarter : -quarter]) / quarter
     last = sum(step_losses[-quarter:]) / quarter
-    if not before > 0 or last > 0.85 * before:
+    if not before > 0 or last > 0.85 * before or last < 0.1:
         return None
     return (f"the training loss was still falling at the end ({before:.3f} -> {last:.3f} over the last quarter of "
             f"the steps): the adapter may be underfit; try more --steps (this run took {len(step_losses)})")

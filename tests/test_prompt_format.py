@@ -154,3 +154,4 @@ def test_underfit_hint():
     assert underfit_hint([2.0] * 8 + [1.5] * 4 + [1.0] * 4) is not None
     assert underfit_hint([2.0] * 8 + [1.0] * 8) is None  # flat at the end
     assert underfit_hint([2.0, 1.0]) is None  # too few steps to tell
+    assert underfit_hint([0.06] * 8 + [0.05] * 4 + [0.02] * 4) is None  # falling, but already learnt
