@@ -28,12 +28,11 @@ from ..errors import OdloraError
 from ..lora import TARGET_PRESETS
 from ..outputs import EXPORT, PACKED, check_output, staged_output, staged_packed
 from ..registry import sha256_file
-from ..schemas import ExportManifest, read_json, to_dict
+from ..schemas import ExportManifest, PackedSidecar, read_json, to_dict
 from .slots import SlotSpec, slot_tensors
 
 TARGETS = ("onnx", "executorch", "coreml")
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 
 
 def target_module(target: str):
@@ -87,7 +86,7 @@ def write_manifest(tmp: Path, base, target: str, quant: str, started: float, fie
     """Copy the tokenizer into an export being staged in `tmp` and write its manifest.json last."""
     base.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     manifest = {
-        "format": "odlora-export", "format_version": FORMAT_VERSION, "tool_version": __version__,
+        "format": ExportManifest.FORMAT, "format_version": ExportManifest.VERSION, "tool_version": __version__,
         "target": target, "quant": quant, "base": base.spec, "base_fingerprint": base.fingerprint,
         "config": base.config, **fields, "export_seconds": round(time.perf_counter() - started, 1),
     }
@@ -139,7 +138,7 @@ def pack(adapter_dir: Path, export_dir: Path, out: Path, force: bool = False) ->
     with staged_packed(out) as (blob, sidecar):
         target_module(manifest["target"]).pack_slots(slots, manifest, blob)
         info = {
-            "format": "odlora-packed-adapter", "format_version": FORMAT_VERSION, "target": manifest["target"],
+            "format": PackedSidecar.FORMAT, "format_version": PackedSidecar.VERSION, "target": manifest["target"],
             "base_fingerprint": manifest["base_fingerprint"], "fingerprint_verified": adapter.fingerprint is not None,
             "adapter": str(adapter_dir), "rank": adapter.rank, "modules": len(adapter.A),
             "prompt_format": adapter.prompt_format,

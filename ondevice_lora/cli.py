@@ -254,7 +254,7 @@ def generate(base, prompt, adapters, chat, sampling):
                    "sample by name (dates, contacts; dates:test for its test split).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write (PEFT format).")
 @click.option("--rank", default=8, show_default=True, type=Bounded(bounds.RANK))
-@click.option("--alpha", default=16.0, show_default=True, type=Bounded(bounds.ALPHA))
+@click.option("--alpha", default=None, type=Bounded(bounds.ALPHA), help="LoRA scale numerator (scale alpha/rank).  [default: 2 x rank]")
 @click.option("--dropout", default=0.0, show_default=True, type=Bounded(bounds.DROPOUT))
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(rank) instead of alpha/rank.")
 @click.option("--targets", default="all-linear", show_default=True,
@@ -408,7 +408,7 @@ def merge(base, adapters, out, force):
 @click.option("--trainable", is_flag=True, help="executorch: export a LoRA training program instead "
               "(for `personalize --engine executorch --program`), shaped by --rank/--alpha/--targets/--batch-size/--seq-len.")
 @click.option("--rank", default=8, show_default=True, type=Bounded(bounds.RANK), help="--trainable: LoRA rank.")
-@click.option("--alpha", default=16.0, show_default=True, type=Bounded(bounds.ALPHA), help="--trainable: LoRA alpha.")
+@click.option("--alpha", default=None, type=Bounded(bounds.ALPHA), help="--trainable: LoRA alpha.  [default: 2 x rank]")
 @click.option("--batch-size", default=8, show_default=True, type=Bounded(bounds.POSITIVE_INT),
               help="--trainable: rows per step.")
 @click.option("--seq-len", default=128, show_default=True, type=Bounded(bounds.SEQ_LEN),

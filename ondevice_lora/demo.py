@@ -223,7 +223,7 @@ def personalize_stage(cfg: DemoConfig, task: str, say) -> dict:
     out = cfg.out / "adapters" / task
     training = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, eval_every=0, save_every=0)
     pcfg = PersonalizeConfig(base=cfg.base, base_quant=cfg.base_quant, threads=cfg.threads, training=training,
-                             lora=LoraConfig(rank=cfg.rank, alpha=2.0 * cfg.rank, targets=TARGET_PRESETS["all-linear"]))
+                             lora=LoraConfig(rank=cfg.rank, targets=TARGET_PRESETS["all-linear"]))
     every = max(1, cfg.steps // 4)
 
     def progress(record: dict, total: int) -> None:

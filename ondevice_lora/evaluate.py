@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .generate import SamplingConfig, generate_text
+from .generate import SamplingConfig, generate_tokens
 from .prompts import render_chat
 
 
@@ -47,16 +47,41 @@ def chat_prompt_and_answer(tokenizer, example: dict) -> tuple[list[int], str]:
     return tokenizer.encode(text, add_special_tokens=False), messages[last]["content"]
 
 
+def could_still_match(text: str, reference: str) -> bool:
+    """Whether more generated text could still make `text.strip() == reference.strip()`."""
+    text = text.rstrip("\ufffd").lstrip()  # a trailing U+FFFD is half a UTF-8 character so far
+    reference = reference.strip()
+    return reference.startswith(text) or (text.startswith(reference) and not text[len(reference):].strip())
+
+
+def greedy_answer(model, tokenizer, prompt: list[int], reference: str, cfg: SamplingConfig,
+                  stop_ids: set[int]) -> str:
+    """The greedy answer to `prompt`, cut at the first token that rules out an exact match with
+    `reference`: a miss is plain from its first wrong token, and a base that rambles for all of
+    `max_new_tokens` cost most of the evaluation's time (129 s of the default base's 40 dates)."""
+    tokens: list[int] = []
+    stream = generate_tokens(model, prompt, cfg, stop_ids)
+    try:
+        for token in stream:
+            tokens.append(token)
+            if not could_still_match(tokenizer.decode(tokens, skip_special_tokens=True), reference):
+                break
+    finally:
+        stream.close()  # drops the KV cache now, not when the generator is collected
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
 @torch.no_grad()
 def task_accuracy(model, tokenizer, examples: list[dict], stop_ids: set[int], max_new_tokens: int = 32) -> dict:
-    """Greedy-generate each example's last assistant turn; exact match after stripping spaces."""
+    """Greedy-generate each example's last assistant turn; exact match after stripping spaces.
+    "predictions" holds each answer up to where it stopped being able to match (all of a hit)."""
     was_training = model.training
     model.eval()
     cfg = SamplingConfig(max_new_tokens=max_new_tokens)
     hits, predictions = 0, []
     for example in examples:
         prompt, reference = chat_prompt_and_answer(tokenizer, example)
-        prediction = generate_text(model, tokenizer, prompt, cfg, stop_ids)
+        prediction = greedy_answer(model, tokenizer, prompt, reference, cfg, stop_ids)
         predictions.append(prediction)
         hits += prediction.strip() == reference.strip()
     model.train(was_training)

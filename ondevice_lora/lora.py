@@ -36,7 +36,7 @@ TARGET_PRESETS = {
 @dataclass
 class LoraConfig:
     rank: int = 8
-    alpha: float = 16.0
+    alpha: Optional[float] = None  # None: 2 x rank, the usual choice (16 at the default rank)
     dropout: float = 0.0
     targets: tuple[str, ...] = TARGET_PRESETS["all-linear"]  # module name suffixes
     layers: Optional[tuple[int, ...]] = None  # None: every layer
@@ -45,6 +45,8 @@ class LoraConfig:
     def __post_init__(self):
         # The rank has no upper bound here: blends stack ranks and PEFT adapters come from elsewhere.
         # What a user may ask to train is bounds.RANK, and capacity.check_rank holds it to the base.
+        if self.alpha is None and isinstance(self.rank, int):
+            self.alpha = 2.0 * self.rank
         check_fields(self, {"rank": POSITIVE_INT, "alpha": ALPHA, "dropout": DROPOUT})
         self.targets = tuple(self.targets)
         self.layers = tuple(self.layers) if self.layers is not None else None

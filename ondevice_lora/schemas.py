@@ -464,16 +464,16 @@ def describe(error: ValidationError) -> str:
     named = kind == "value_error" and repr(first["input"]) in phrase
     shown = loc and loc[-1] != "[key]" and kind not in ("missing", "too_short", "too_long") and not named
     text = f"{phrase}, got {_shown(first['input'])}" if shown else phrase
-    where = _field(loc)
+    where = field_path(loc)
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"{where}: {text}{more}" if where else f"{text}{more}"
 
 
-def _field(loc: tuple) -> str:
+def field_path(loc: tuple) -> str:
     """("files", "a/b.json", "sha256") -> files["a/b.json"].sha256; a dict key's own error
     (pydantic's trailing "[key]") -> `files key "../x"`."""
     if loc and loc[-1] == "[key]":
-        return f"{_field(loc[:-2])} key {json.dumps(loc[-2])}"
+        return f"{field_path(loc[:-2])} key {json.dumps(loc[-2])}"
     out = ""
     for part in loc:
         if isinstance(part, int):

@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse
 
 from ..generate import SamplingConfig
+from ..schemas import field_path
 
 MAX_SEED = 2**63 - 1  # what a torch.Generator takes (and a signed 64-bit seed field in any client)
 MAX_TOKENS = 2**31 - 1  # the generation also stops at the end of the export's KV cache
@@ -125,7 +126,7 @@ def parse_body(schema: type[Schema], raw: bytes) -> Any:
 
 def error_for(problem: dict) -> APIError:
     """OpenAI's error for one of pydantic's problems: `param` the field's path, `code` its kind."""
-    param = field_path(problem["loc"])
+    param = field_path(problem["loc"]) or None
     kind = problem["type"]
     code = CODES.get(kind) or ("invalid_type" if kind.endswith("_type") else "invalid_value")
     if param is None:  # the body itself: not JSON, or not an object
@@ -133,11 +134,3 @@ def error_for(problem: dict) -> APIError:
     if kind == "missing":
         return APIError(400, f"missing required parameter {param!r}", param=param, code=code)
     return APIError(400, f"{param!r}: {problem['msg']}", param=param, code=code)
-
-
-def field_path(loc: tuple) -> Optional[str]:
-    """pydantic's location ('messages', 0, 'content') as OpenAI writes it: messages[0].content."""
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
-    return path or None

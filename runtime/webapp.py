@@ -346,7 +346,7 @@ class WebApp:
 
     def personalize_config(self, spec: JobSpec) -> PersonalizeConfig:
         """`odlora personalize`'s defaults, on the export's base, with LoRA on the export's slotted linears."""
-        lora = LoraConfig(rank=spec.rank, alpha=2.0 * spec.rank, targets=tuple(self.rt.manifest["slots"]["targets"]))
+        lora = LoraConfig(rank=spec.rank, targets=tuple(self.rt.manifest["slots"]["targets"]))
         training = TrainConfig(steps=spec.steps, eval_every=max(1, spec.steps // 10), save_every=0)
         return PersonalizeConfig(base=self.rt.manifest["base"], lora=lora, training=training)
 

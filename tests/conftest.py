@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -88,6 +90,27 @@ def one_thread_for_tiny_models(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+class CliRun(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(monkeypatch, capsys, *args) -> CliRun:
+    """Run `odlora ARGS` in-process: (exit code, stdout, stderr)."""
+    from ondevice_lora import cli
+
+    capsys.readouterr()  # drop what fixtures printed while building the tiny models
+    monkeypatch.setattr(sys, "argv", ["odlora", *map(str, args)])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return CliRun(code, out, err)
 
 
 def training_text(n_lines: int = 400) -> list[str]:

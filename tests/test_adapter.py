@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
@@ -12,9 +11,9 @@ from ondevice_lora.adapter import (
 )
 from ondevice_lora.adapter_stats import effective_rank, inspect_adapter, singular_values
 from ondevice_lora.base import load_base
-from ondevice_lora.cli import main
 from ondevice_lora.errors import OdloraError
 from ondevice_lora.lora import LoraConfig, apply_lora
+from conftest import run_cli
 
 
 def random_adapter(model_dir, seed=0, **lora):
@@ -146,28 +145,19 @@ def test_inspect_reports_every_module(tiny_llama_dir, tmp_path):
     assert all(1 <= m["effective_rank_90"] <= 4 for m in info["per_module"].values())
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["odlora", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
-
 
 def test_cli_merge_writes_a_checkpoint_transformers_loads(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     adapter = random_adapter(tiny_llama_dir)
     save_adapter(adapter, tmp_path / "ad", "tiny")
-    code, _ = run_cli(monkeypatch, capsys, "merge", "--base", tiny_llama_dir, "--adapter", tmp_path / "ad",
+    code, _, _ = run_cli(monkeypatch, capsys, "merge", "--base", tiny_llama_dir, "--adapter", tmp_path / "ad",
                       "--out", tmp_path / "merged")
     assert code == 0
     with torch.no_grad():
         merged = transformers_model(tmp_path / "merged")(TOKENS).logits
     assert (merged - logits_with(tiny_llama_dir, adapter, TOKENS)).abs().max() <= 1e-4
-    code, out = run_cli(monkeypatch, capsys, "merge", "--base", tiny_llama_dir, "--adapter", tmp_path / "ad",
+    code, out, err = run_cli(monkeypatch, capsys, "merge", "--base", tiny_llama_dir, "--adapter", tmp_path / "ad",
                         "--out", tmp_path / "merged")
-    assert code == 2 and "already exists" in out.err
+    assert code == 2 and "already exists" in err
 
 
 def test_cli_generate_with_adapter_and_strength(tiny_llama_dir, tmp_path, monkeypatch, capsys):
@@ -175,18 +165,18 @@ def test_cli_generate_with_adapter_and_strength(tiny_llama_dir, tmp_path, monkey
     outputs = []
     for spec in (None, f"{tmp_path / 'ad'}:0", f"{tmp_path / 'ad'}:1.5"):
         extra = ["--adapter", spec] if spec else []
-        code, out = run_cli(monkeypatch, capsys, "generate", "--base", tiny_llama_dir, "--prompt", "hello",
+        code, out, err = run_cli(monkeypatch, capsys, "generate", "--base", tiny_llama_dir, "--prompt", "hello",
                             "--max-new-tokens", 8, *extra)
         assert code == 0
-        outputs.append(out.out)
+        outputs.append(out)
     assert outputs[0] == outputs[1]  # strength 0 is the base
     assert outputs[2] != outputs[0]
 
 
 def test_cli_inspect_json(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     save_adapter(random_adapter(tiny_llama_dir), tmp_path / "ad", "tiny")
-    code, out = run_cli(monkeypatch, capsys, "adapter", "inspect", tmp_path / "ad", "--json")
-    assert code == 0 and json.loads(out.out.strip().splitlines()[-1])["parameters"] > 0
+    code, out, err = run_cli(monkeypatch, capsys, "adapter", "inspect", tmp_path / "ad", "--json")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["parameters"] > 0
 
 
 def test_save_replaces_only_when_complete(tiny_llama_dir, tmp_path, monkeypatch):

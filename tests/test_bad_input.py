@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIG
-from test_cli import run_cli
+from conftest import run_cli
 from ondevice_lora import cli
 from ondevice_lora.bounds import RANK, SEED, TEMPERATURE, Bound
 from ondevice_lora.capacity import activation_bytes_per_token, check_training_memory

@@ -26,7 +26,8 @@ from ondevice_lora.fingerprint import cached_fingerprint
 from ondevice_lora.prompts import PROMPT_FORMATS
 from ondevice_lora.schemas import read_json, to_dict
 from ondevice_lora.train import save_checkpoint
-from test_runtime import make_adapter, run_cli
+from conftest import run_cli
+from test_runtime import make_adapter
 
 SHA = "0" * 64
 MODULE = "model.layers.0.self_attn.q_proj"

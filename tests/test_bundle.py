@@ -13,7 +13,8 @@ import pytest
 from ondevice_lora.errors import OdloraError
 from ondevice_lora.runtime import Runtime
 from ondevice_lora.runtime.bundle import BUNDLE_MANIFEST, open_bundle, write_bundle
-from test_runtime import GREEDY, PROMPT, run_cli
+from conftest import run_cli
+from test_runtime import GREEDY, PROMPT
 
 
 def edited(bundle, tmp_path, edit) -> "Path":

@@ -8,28 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from ondevice_lora import cli
 from ondevice_lora.base import load_base
 from ondevice_lora.generate import SamplingConfig, generate_text
 from ondevice_lora.prompts import encode_prompt, stop_token_ids
-
-
-def run_cli(monkeypatch, capsys, *args: str):
-    """Run `odlora ARGS` in-process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()  # drop what fixtures printed while building the tiny models
-    monkeypatch.setattr(sys, "argv", ["odlora", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import run_cli
 
 
 # -- bad input ------------------------------------------------------------------------------

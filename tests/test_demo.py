@@ -25,7 +25,7 @@ from ondevice_lora import demo  # noqa: E402
 from ondevice_lora.demo import STATE, DemoConfig, format_summary, quick, run_demo  # noqa: E402
 from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.samples import SAMPLE_TASKS  # noqa: E402
-from test_cli import run_cli  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 TARGETS = ("onnx", "executorch") if importlib.util.find_spec("executorch") else ("onnx",)
 REUSABLE = [f"personalize {t}" for t in SAMPLE_TASKS] + [s for target in TARGETS for s in (f"export {target}",

@@ -29,7 +29,7 @@ from ondevice_lora.personalize import PersonalizeConfig, personalize  # noqa: E4
 from ondevice_lora.prompts import encode_prompt, stop_token_ids  # noqa: E402
 from ondevice_lora.samples import load_examples, sample_path  # noqa: E402
 from ondevice_lora.train import TrainConfig  # noqa: E402
-from test_cli import run_cli  # noqa: E402
+from conftest import run_cli  # noqa: E402
 from test_personalize import Interrupt  # noqa: E402
 
 LORA = LoraConfig(rank=4, alpha=8)

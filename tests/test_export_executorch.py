@@ -253,64 +253,80 @@ def test_qwen3_export_matches_pytorch(tiny_model_factory, tmp_path):
 
 # -- the real default base ------------------------------------------------------------------------
 
-QUESTION = "What is the capital of France?"
+# The answer checks need a prompt whose greedy answer is no near tie: to "What is the capital of
+# France?" fp32 picks "The" over "L" by 0.08 logits, and a quantised export on an AVX2-only CPU
+# (int8 activations round differently without VNNI) answered in French. Here the fp32 top-1
+# margins of the answer's tokens are 1.44 ("The"), 1.0 and over (measured on the default base).
+QUESTION = "Name the capital of France."
 REAL_SEQ = DEFAULT_EXPORT_SEQ
+
+
+def perplexity_text_ids(tokenizer) -> list[int]:
+    from ondevice_lora.samples import general_text_path
+
+    return tokenizer.encode(general_text_path().read_text(), add_special_tokens=False)
 
 
 @pytest.mark.slow
 def test_default_base_export(default_base, default_adapter, default_export, tmp_path):
-    """fp32 parity with PyTorch, with zero slots and with an adapter; each quantised export keeps the answer, held-out perplexity within
-    5% and at most 0.3x the fp32 size.
+    """The default export (fp32) of the default base: parity with PyTorch on a chat prompt and
+    three decode steps, with zero slots and with a packed adapter; it answers the question.
 
-    8da4w keeps this Q4_1 base's own 4-bit grid (GridOffsetLinear): measured perplexity 26.99,
-    107.6 MB. Each export lowers 30 layers for minutes of single-threaded Python, so the two run
-    side by side (8da8w, checked on the tiny model, is left out here: a third export on two cores
-    cost CI minutes).
+    An export lowers 30 layers in minutes of single-threaded Python (fp32 about 10 on CI's CPU,
+    8da4w about 20): the quantised export of the real base is the heavy test below; CI checks
+    8da4w against torchao on the tiny model (test_quantised_exports_match_torchao).
     """
     from ondevice_lora.prompts import encode_prompt, stop_token_ids
-    from ondevice_lora.registry import DEFAULT_BASE
-    from ondevice_lora.samples import __file__ as samples_init
 
     tokenizer = default_base.tokenizer
-    exports = {quant: tmp_path / quant for quant in ("8da4w",)}
-    with ProcessPoolExecutor(len(exports), mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(export, DEFAULT_BASE, "executorch", out, quant=quant, max_seq_len=REAL_SEQ, say=print)
-                for quant, out in exports.items()]
-        exports["fp32"] = default_export("executorch", "fp32")  # in this process meanwhile; other tests reuse it
-        for job in jobs:
-            job.result()
-    sessions = {quant: ExecutorchSession(out) for quant, out in exports.items()}
-
+    session = ExecutorchSession(default_export("executorch", "fp32"))  # other tests reuse the export
     prompt = encode_prompt(tokenizer, QUESTION)
     model = default_base.model
     model.setup_cache(1, REAL_SEQ)
     try:  # the chat prompt, then three greedy decode steps
         with torch.no_grad():
             want = model(torch.tensor([prompt]), input_pos=torch.arange(len(prompt)))
-            assert (sessions["fp32"].forward(prompt, 0) - want).abs().max().item() <= TOL
+            assert (session.forward(prompt, 0) - want).abs().max().item() <= TOL
             for pos in range(len(prompt), len(prompt) + 3):
                 token = int(want[0, -1].argmax())
                 want = model(torch.tensor([[token]]), input_pos=torch.tensor([pos]))
-                assert (sessions["fp32"].forward([token], pos) - want).abs().max().item() <= TOL
+                assert (session.forward([token], pos) - want).abs().max().item() <= TOL
     finally:
         model.drop_cache()
     adapter_dir, with_adapter = default_adapter
-    pack(adapter_dir, exports["fp32"], tmp_path / "r8.slots")
+    pack(adapter_dir, session.dir, tmp_path / "r8.slots")
     with torch.no_grad():
         want = with_adapter(torch.tensor([prompt]))
     assert (want - model(torch.tensor([prompt]))).abs().max().item() > 0.1  # the adapter changes the logits
-    got = sessions["fp32"].forward(prompt, 0, sessions["fp32"].load_adapter(tmp_path / "r8.slots"))
+    got = session.forward(prompt, 0, session.load_adapter(tmp_path / "r8.slots"))
     assert (got - want).abs().max().item() <= TOL
-
-    size = {quant: (out / "model.pte").stat().st_size + (out / "model.ptd").stat().st_size for quant, out in exports.items()}
-    text = (Path(samples_init).parent / "general.txt").read_text()
-    ids = tokenizer.encode(text, add_special_tokens=False)
     stops = tuple(stop_token_ids(tokenizer, default_base.config))
-    ppl32 = sessions["fp32"].perplexity(ids)
-    for quant in ("8da4w",):
-        assert size[quant] <= 0.3 * size["fp32"], quant
-        assert "Paris" in tokenizer.decode(sessions[quant].greedy(prompt, 24, stop_ids=stops)), quant
-        ppl = sessions[quant].perplexity(ids)
-        print(f"{quant}: perplexity {ppl:.3f} (fp32 {ppl32:.3f}), {size[quant] / 1e6:.1f} MB "
-              f"(fp32 {size['fp32'] / 1e6:.1f} MB)")
-        assert ppl <= 1.05 * ppl32, (quant, ppl32, ppl)
+    assert "Paris" in tokenizer.decode(session.greedy(prompt, 24, stop_ids=stops))
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # the 8da4w export of the real base takes about 20 minutes on CI's CPU
+def test_default_base_8da4w_keeps_the_answer(default_base, default_export, tmp_path):
+    """8da4w keeps this Q4_1 base's own 4-bit grid (GridOffsetLinear): it keeps the answer,
+    held-out perplexity within 5% of the fp32 export's, at most 0.3x its size (measured on an
+    AVX-512 machine: perplexity 26.99, 107.6 MB)."""
+    from ondevice_lora.prompts import encode_prompt, stop_token_ids
+    from ondevice_lora.registry import DEFAULT_BASE
+
+    tokenizer = default_base.tokenizer
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        job = pool.submit(export, DEFAULT_BASE, "executorch", tmp_path / "8da4w", quant="8da4w",
+                          max_seq_len=REAL_SEQ, say=print)
+        fp32_dir = default_export("executorch", "fp32")  # in this process meanwhile
+        job.result()
+    sessions = {"fp32": ExecutorchSession(fp32_dir), "8da4w": ExecutorchSession(tmp_path / "8da4w")}
+    size = {quant: (s.dir / "model.pte").stat().st_size + (s.dir / "model.ptd").stat().st_size
+            for quant, s in sessions.items()}
+    ids = perplexity_text_ids(tokenizer)
+    ppl32, ppl = sessions["fp32"].perplexity(ids), sessions["8da4w"].perplexity(ids)
+    print(f"8da4w: perplexity {ppl:.3f} (fp32 {ppl32:.3f}), {size['8da4w'] / 1e6:.1f} MB (fp32 {size['fp32'] / 1e6:.1f} MB)")
+    assert size["8da4w"] <= 0.3 * size["fp32"]
+    assert ppl <= 1.05 * ppl32, (ppl32, ppl)
+    stops = tuple(stop_token_ids(tokenizer, default_base.config))
+    answer = sessions["8da4w"].greedy(encode_prompt(tokenizer, QUESTION), 24, stop_ids=stops)
+    assert "Paris" in tokenizer.decode(answer)

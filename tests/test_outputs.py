@@ -25,7 +25,7 @@ from ondevice_lora.runtime.bundle import open_bundle
 from ondevice_lora.runtime.server import APIError
 from ondevice_lora.runtime.webapp import JobSpec, WebApp
 from test_crash_safety import made, side_files, tree  # noqa: F401  (made: the session's outputs)
-from test_runtime import run_cli
+from conftest import run_cli
 
 
 def snapshot(*paths: Path) -> dict:

@@ -1,18 +1,17 @@
 """`personalize` end to end on a tiny model: learning, determinism, resume, Ctrl-C, no clobbering."""
 
 import json
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from ondevice_lora.cli import main
 from ondevice_lora.errors import OdloraError
 from ondevice_lora.lora import LoraConfig
 from ondevice_lora.personalize import PersonalizeConfig, checkpoint_dir, personalize
 from ondevice_lora.samples import load_examples
 from ondevice_lora.train import TrainConfig, find_cxx_compiler
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +172,6 @@ def test_a_failed_run_never_clobbers_an_existing_adapter(tiny_llama_dir, dates_j
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == before
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["odlora", *map(str, args)])
-    try:
-        main()
-        return 0, capsys.readouterr()
-    except SystemExit as e:
-        return e.code, capsys.readouterr()
-
 
 @pytest.mark.parametrize("flags, message", [
     (["--rank", "0"], "--rank"),
@@ -190,25 +181,25 @@ def run_cli(monkeypatch, capsys, *args):
 ])
 def test_cli_bad_input_exits_2_with_one_line(tiny_llama_dir, dates_jsonl, tmp_path, monkeypatch, capsys, flags, message):
     args = ["personalize", "--base", tiny_llama_dir, "--data", dates_jsonl, "--out", tmp_path / "ad", "--steps", 1]
-    code, out = run_cli(monkeypatch, capsys, *args, *flags)
+    code, out, err = run_cli(monkeypatch, capsys, *args, *flags)
     assert code == 2
-    assert out.err.startswith("odlora: error:") and message in out.err and len(out.err.strip().splitlines()) == 1
+    assert err.startswith("odlora: error:") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ad").exists()
 
 
 def test_no_trainable_tokens_is_an_error(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "a long prompt with nothing to learn", "completion": ""}\n' * 4)
-    code, out = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", data,
+    code, out, err = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", data,
                         "--out", tmp_path / "ad", "--steps", 1, "--seq-len", 8)
-    assert code == 2 and "trainable" in out.err
+    assert code == 2 and "trainable" in err
 
 
 def test_cli_json_prints_the_metrics_last(tiny_llama_dir, dates_jsonl, tmp_path, monkeypatch, capsys):
-    code, out = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", dates_jsonl,
+    code, out, err = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", dates_jsonl,
                         "--out", tmp_path / "ad", "--steps", 2, "--batch-size", 4, "--dtype", "fp32", "--json")
     assert code == 0
-    result = json.loads(out.out.strip().splitlines()[-1])
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["steps"] == 2 and result["val_loss"] > 0
 
 
@@ -241,9 +232,9 @@ def test_compile_trains_like_eager(tiny_llama_dir, dates_jsonl, tmp_path):
     (["--compile", "--engine", "executorch"], "--compile is not supported by --engine executorch"),
 ])
 def test_compile_refuses_what_it_cannot_do(tiny_llama_dir, dates_jsonl, tmp_path, monkeypatch, capsys, flags, message):
-    code, out = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", dates_jsonl,
+    code, out, err = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", dates_jsonl,
                         "--out", tmp_path / "ad", "--steps", 1, *flags)
-    assert code == 2 and message in out.err
+    assert code == 2 and message in err
     assert not (tmp_path / "ad").exists()
 
 

@@ -21,7 +21,7 @@ from ondevice_lora.prompts import encode_prompt
 from ondevice_lora.runtime import Runtime
 from ondevice_lora.runtime.bundle import write_bundle
 from ondevice_lora.train import TrainConfig, underfit_hint
-from test_adapter import run_cli
+from conftest import run_cli
 from test_native import native  # noqa: F401 (the native build fixture)
 from test_runtime import PROMPT, make_adapter
 
@@ -98,24 +98,24 @@ def test_the_runtime_asks_each_adapter_as_it_was_trained(formats):
 
 def test_run_warns_in_one_line_when_asked_otherwise(formats, monkeypatch, capsys):
     blob = formats["blobs"]["r"]
-    code, out = run_cli(monkeypatch, capsys, "run", "--export", formats["export"], "--adapter", blob,
+    code, out, err = run_cli(monkeypatch, capsys, "run", "--export", formats["export"], "--adapter", blob,
                         "--prompt", PROMPT, "--max-new-tokens", "4")
-    assert code == 0 and "warning" not in out.err
-    code, out = run_cli(monkeypatch, capsys, "run", "--export", formats["export"], "--adapter", blob,
+    assert code == 0 and "warning" not in err
+    code, out, err = run_cli(monkeypatch, capsys, "run", "--export", formats["export"], "--adapter", blob,
                         "--prompt", PROMPT, "--max-new-tokens", "4", "--chat")
-    warnings = [line for line in out.err.splitlines() if "warning" in line]
+    warnings = [line for line in err.splitlines() if "warning" in line]
     assert code == 0 and len(warnings) == 1 and "trained on raw text" in warnings[0]
 
 
 def test_generate_asks_a_raw_adapter_raw(tiny_bundle, formats, monkeypatch, capsys):
     """The PyTorch path (`odlora generate`) reads the format from the adapter directory."""
     args = ("generate", "--base", tiny_bundle["base_dir"], "--prompt", PROMPT, "--max-new-tokens", "6")
-    code, raw = run_cli(monkeypatch, capsys, *args, "--adapter", formats["dirs"]["r"])
-    code2, forced = run_cli(monkeypatch, capsys, *args, "--adapter", formats["dirs"]["r"], "--no-chat")
-    assert code == code2 == 0 and raw.out == forced.out and not raw.err.strip()
-    code, blended = run_cli(monkeypatch, capsys, *args, "--adapter", formats["dirs"]["r"],
+    code, raw_out, raw_err = run_cli(monkeypatch, capsys, *args, "--adapter", formats["dirs"]["r"])
+    code2, forced_out, forced_err = run_cli(monkeypatch, capsys, *args, "--adapter", formats["dirs"]["r"], "--no-chat")
+    assert code == code2 == 0 and raw_out == forced_out and not raw_err.strip()
+    code, blended_out, blended_err = run_cli(monkeypatch, capsys, *args, "--adapter", formats["dirs"]["r"],
                             "--adapter", formats["dirs"]["c"])
-    assert code == 2 and "different prompt formats" in blended.err
+    assert code == 2 and "different prompt formats" in blended_err
 
 
 def test_native_runtime_applies_the_bundled_formats(native, formats, tmp_path):
@@ -134,12 +134,12 @@ def test_native_runtime_applies_the_bundled_formats(native, formats, tmp_path):
 
 
 def test_dry_run_shows_how_a_row_is_read(tiny_llama_dir, pairs_jsonl, monkeypatch, capsys):
-    code, out = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", pairs_jsonl,
+    code, out, err = run_cli(monkeypatch, capsys, "personalize", "--base", tiny_llama_dir, "--data", pairs_jsonl,
                         "--out", "unused", "--dry-run", "--seq-len", "64")
     assert code == 0
-    assert "prompt format: chat" in out.out and "22 train / 2 val examples from 1 file(s) (24 prompt/completion)" in out.out
-    assert "<|im_start|>user\\nThe cat sees" in out.out and "the part it learns to write" in out.out
-    assert "steps: 40 of 8 rows" in out.out  # 3 epochs of this little data would be a handful of steps
+    assert "prompt format: chat" in out and "22 train / 2 val examples from 1 file(s) (24 prompt/completion)" in out
+    assert "<|im_start|>user\\nThe cat sees" in out and "the part it learns to write" in out
+    assert "steps: 40 of 8 rows" in out  # 3 epochs of this little data would be a handful of steps
 
 
 def test_default_steps_scale_with_small_data():

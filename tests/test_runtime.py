@@ -28,6 +28,7 @@ from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers  # noqa: E402
 from ondevice_lora.prompts import encode_prompt, stop_token_ids  # noqa: E402
 from ondevice_lora.runtime import Runtime  # noqa: E402
 from ondevice_lora.runtime.adapters import combine_slots, used_rank  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 MAX_SEQ = 64
 PROMPT = "The cat looks at the river."
@@ -390,23 +391,6 @@ def test_executorch_matches_pytorch_swaps_and_serialises_threads(built, executor
 
 
 # -- odlora run ---------------------------------------------------------------------------------------------
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`odlora ARGS` in-process: (exit code, stdout, stderr)."""
-    import sys
-
-    from ondevice_lora import cli
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["odlora", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_cli_run_blends_streams_and_prints_json(built, onnx_rt, monkeypatch, capsys):
     blobs = built["blobs"]
