@@ -51,6 +51,9 @@ def run_child(body, kill_at: str | None = None) -> tuple[int, str]:
             os.dup2(err.fileno(), 2)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
             sys.stderr, sys.stdout = open(2, "w", closefd=False), open(1, "w", closefd=False)  # not pytest's capture
+            # A Ctrl-C as a terminal's foreground process gets it: pytest started in the background
+            # (`cmd &`, nohup) inherits SIGINT ignored, and the child would train straight through it.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             if kill_at:
                 os.environ[atomic.KILL_ENV] = kill_at
             code = body() or 0
