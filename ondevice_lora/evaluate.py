@@ -60,15 +60,17 @@ def greedy_answer(model, tokenizer, prompt: list[int], reference: str, cfg: Samp
     `reference`: a miss is plain from its first wrong token, and a base that rambles for all of
     `max_new_tokens` cost most of the evaluation's time (129 s of the default base's 40 dates)."""
     tokens: list[int] = []
+    text = ""
     stream = generate_tokens(model, prompt, cfg, stop_ids)
     try:
         for token in stream:
             tokens.append(token)
-            if not could_still_match(tokenizer.decode(tokens, skip_special_tokens=True), reference):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if not could_still_match(text, reference):
                 break
     finally:
         stream.close()  # drops the KV cache now, not when the generator is collected
-    return tokenizer.decode(tokens, skip_special_tokens=True)
+    return text
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.exporters.executorch import ExecutorchSession  # noqa: E402
 from ondevice_lora.exporters.export import export, pack  # noqa: E402
 from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers  # noqa: E402
-from conftest import DEFAULT_EXPORT_SEQ  # noqa: E402
+from conftest import DEFAULT_EXPORT_QUESTION as QUESTION, DEFAULT_EXPORT_SEQ  # noqa: E402
 
 MAX_SEQ = 48  # > one 32-token prefill chunk, so prompts take the full, right-aligned and padded paths
 TOL = 1e-3
@@ -253,18 +253,7 @@ def test_qwen3_export_matches_pytorch(tiny_model_factory, tmp_path):
 
 # -- the real default base ------------------------------------------------------------------------
 
-# The answer checks need a prompt whose greedy answer is no near tie: to "What is the capital of
-# France?" fp32 picks "The" over "L" by 0.08 logits, and a quantised export on an AVX2-only CPU
-# (int8 activations round differently without VNNI) answered in French. Here the fp32 top-1
-# margins of the answer's tokens are 1.44 ("The"), 1.0 and over (measured on the default base).
-QUESTION = "Name the capital of France."
 REAL_SEQ = DEFAULT_EXPORT_SEQ
-
-
-def perplexity_text_ids(tokenizer) -> list[int]:
-    from ondevice_lora.samples import general_text_path
-
-    return tokenizer.encode(general_text_path().read_text(), add_special_tokens=False)
 
 
 @pytest.mark.slow
@@ -312,6 +301,7 @@ def test_default_base_8da4w_keeps_the_answer(default_base, default_export, tmp_p
     AVX-512 machine: perplexity 26.99, 107.6 MB)."""
     from ondevice_lora.prompts import encode_prompt, stop_token_ids
     from ondevice_lora.registry import DEFAULT_BASE
+    from ondevice_lora.samples import general_text_path
 
     tokenizer = default_base.tokenizer
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -322,7 +312,7 @@ def test_default_base_8da4w_keeps_the_answer(default_base, default_export, tmp_p
     sessions = {"fp32": ExecutorchSession(fp32_dir), "8da4w": ExecutorchSession(tmp_path / "8da4w")}
     size = {quant: (s.dir / "model.pte").stat().st_size + (s.dir / "model.ptd").stat().st_size
             for quant, s in sessions.items()}
-    ids = perplexity_text_ids(tokenizer)
+    ids = tokenizer.encode(general_text_path().read_text(), add_special_tokens=False)
     ppl32, ppl = sessions["fp32"].perplexity(ids), sessions["8da4w"].perplexity(ids)
     print(f"8da4w: perplexity {ppl:.3f} (fp32 {ppl32:.3f}), {size['8da4w'] / 1e6:.1f} MB (fp32 {size['fp32'] / 1e6:.1f} MB)")
     assert size["8da4w"] <= 0.3 * size["fp32"]

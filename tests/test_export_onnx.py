@@ -26,7 +26,7 @@ from ondevice_lora.exporters.export import export, pack  # noqa: E402
 from ondevice_lora.exporters.onnx import OnnxSession, replace_kv_cache_with_io  # noqa: E402
 from ondevice_lora.exporters.onnx_quant import BLOCK_SIZES  # noqa: E402
 from ondevice_lora.lora import LoraConfig, apply_lora  # noqa: E402
-from conftest import DEFAULT_EXPORT_SEQ  # noqa: E402
+from conftest import DEFAULT_EXPORT_QUESTION as QUESTION, DEFAULT_EXPORT_SEQ  # noqa: E402
 
 MAX_SEQ = 64
 PROMPT = [1, 45, 203, 17, 99, 250, 3, 12, 88]
@@ -330,11 +330,6 @@ def test_export_refuses_existing_dir_and_damaged_files(exports, tmp_path):
 
 # -- the real default base (slow) ------------------------------------------------------------------
 
-# A prompt whose greedy answer is no near tie in fp32 (its tokens' top-1 margins are 1.0 logits
-# and over): to "What is the capital of France?" fp32 picks "The" over "L" by 0.08, and the int8
-# and int4 exports answered in French on an AVX2-only CPU, where MatMulNBits' int8 activations
-# round differently (max logit error 1.1 there at accuracy level 4, 0.33 at level 1).
-QUESTION = "Name the capital of France."
 CHUNK = DEFAULT_EXPORT_SEQ
 
 # The base is a Q4_1 GGUF; onnx_quant.py keeps its grid. 8 bits in blocks of 16: perplexity +1.8%
