@@ -25,10 +25,15 @@ import torch
 from ondevice_lora.adapter import adapter_from_model, attach_adapter, save_adapter
 from ondevice_lora import samples
 from ondevice_lora.base import load_base
-from ondevice_lora.exporters.executorch import DATA, PROGRAM, ExecutorchSession, export_program, per_layer
+from ondevice_lora.exporters.executorch import DATA, PROGRAM, export_program
 from ondevice_lora.exporters.export import export, pack
 from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers
+from ondevice_lora.models.slots import per_layer
 from ondevice_lora.registry import DEFAULT_BASE
+from ondevice_lora.runtime.executorch import ExecutorchSession
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from sessions import executorch_perplexity  # noqa: E402  the tests' helper, on the session directly
 
 MAX_SEQ = 512
 
@@ -170,7 +175,7 @@ def main():
             session.forward(prompt[pos:pos + 1], pos, None)
         row["prefill_tok_s_one_by_one"] = round(64 / (time.perf_counter() - started))
         text = (Path(samples.__file__).parent / "general.txt").read_text()
-        row["perplexity"] = session.perplexity(base.tokenizer.encode(text, add_special_tokens=False))
+        row["perplexity"] = executorch_perplexity(session, base.tokenizer.encode(text, add_special_tokens=False))
         report(quant, row, args)
 
 

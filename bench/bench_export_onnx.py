@@ -73,7 +73,7 @@ def decode_ms(session, prompt, tokens: int, adapter=None) -> tuple[float, float]
 
 def measure(paths: dict, blob: Path, prompt, threads: int, tokens: int, rounds: int) -> dict:
     """{mode: (best median wall ms, best median CPU ms)} over interleaved rounds."""
-    from ondevice_lora.exporters.onnx import OnnxSession
+    from ondevice_lora.runtime.onnx import OnnxSession
 
     plain = OnnxSession(paths["no-slots"], threads=threads, verify=False)
     slotted = OnnxSession(paths["slotted"], threads=threads, verify=False)

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-BLOB_SUFFIX = {"onnx": ".onnx_adapter", "executorch": ".slots"}
+BACKENDS = ("onnx", "executorch")  # the targets that run here
 MODES = ("base", "same", "warm", "cold", "cold-disk")
 
 
@@ -98,10 +98,11 @@ def export_once(base, backend: str, quant: str, args) -> Path:
 
 def pack_once(adapter_dirs: list[Path], export_dir: Path, backend: str) -> list[Path]:
     from ondevice_lora.exporters.export import pack
+    from ondevice_lora.formats.targets import target
 
     blobs = []
     for d in adapter_dirs:
-        blob = export_dir.parent / f"blobs-{export_dir.name}" / (d.name + BLOB_SUFFIX[backend])
+        blob = export_dir.parent / f"blobs-{export_dir.name}" / (d.name + target(backend).blob_suffix)
         sidecar = blob.with_name(blob.name + ".json")
         if not sidecar.exists() or sidecar.stat().st_mtime < (d / "adapter_model.safetensors").stat().st_mtime:
             pack(d, export_dir, blob)
@@ -253,16 +254,16 @@ def measure_rss(export_dir: Path, blobs: list[Path], counts: list[int], args) ->
 
 def parse_quants(spec: str | None, backends: list[str]) -> dict[str, str]:
     """`int4` (every backend) or `onnx=int4,executorch=8da4w`; unnamed backends take their default."""
-    from ondevice_lora.exporters.export import target_module
+    from ondevice_lora.formats.targets import target
 
-    quants = {b: target_module(b).QUANTS[0] for b in backends}
+    quants = {b: target(b).quants[0] for b in backends}
     for part in filter(None, (spec or "").split(",")):
         backend, _, quant = part.rpartition("=")
         for b in [backend] if backend else backends:
             if b not in quants:
                 sys.exit(f"--quant {part}: {b} is not in --backends")
-            if quant not in target_module(b).QUANTS:
-                sys.exit(f"--quant {part}: {b} takes {', '.join(target_module(b).QUANTS)}")
+            if quant not in target(b).quants:
+                sys.exit(f"--quant {part}: {b} takes {', '.join(target(b).quants)}")
             quants[b] = quant
     return quants
 
@@ -376,8 +377,8 @@ def main() -> None:
 
     args.cache_mb = args.cache_mb if args.cache_mb is not None else DEFAULT_CACHE_BYTES / 2**20
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if unknown := [b for b in backends if b not in BLOB_SUFFIX]:
-        sys.exit(f"--backends: {unknown[0]!r} is not one of {', '.join(BLOB_SUFFIX)}")
+    if unknown := [b for b in backends if b not in BACKENDS]:
+        sys.exit(f"--backends: {unknown[0]!r} is not one of {', '.join(BACKENDS)}")
     quants = parse_quants(args.quant, backends)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)

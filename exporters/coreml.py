@@ -45,18 +45,20 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import OdloraError
-from .slots import SlotSpec, SlottedModel
+from ..formats.blobs import COREML_SLOTS_FORMAT
+from ..formats.slots import SlotSpec
+from ..models.slots import SlottedModel, zero_slots
 
 QUANTS = ("fp16", "int8", "int4")
 PACKAGE = "model.mlpackage"
 INT4_BLOCK_SIZE = 32  # input channels per int4 scale; 576 and 1536 (the default base) divide by it
-SLOTS_FORMAT = "odlora-coreml-slots"
 DTYPES = {"FLOAT16": "float16", "FLOAT32": "float32", "INT32": "int32"}
 
 
@@ -141,7 +143,7 @@ def prepare(model: nn.Module, spec: SlotSpec, max_seq_len: int) -> SlottedModel:
 
 
 def example_inputs(spec: SlotSpec) -> tuple:
-    return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), *spec.zeros().values())
+    return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), *zero_slots(spec).values())
 
 
 def drop_aliases(program):
@@ -253,7 +255,10 @@ def describe(mlmodel) -> dict:
 
 # -- the target interface (see export.py) ---------------------------------------------------------
 
-def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, max_seq_len: int) -> dict:
+def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, max_seq_len: int,
+                   config: Optional[dict] = None) -> dict:
+    """Write model.mlpackage into out_dir; returns the manifest's "coreml" fields (`config` is
+    not read: the package needs nothing from it)."""
     check_quant(quant)  # before minutes of conversion
     started = time.perf_counter()
     mlmodel = quantize(convert(trace(prepare(model, spec, max_seq_len), spec), spec), quant)
@@ -289,17 +294,7 @@ def pack_slots(slots: dict[str, torch.Tensor], manifest: dict, out_file: Path) -
     missing = [n for n in manifest["slots"]["layout"] if n not in tensors]
     if missing:
         raise OdloraError(f"slot {missing[0]} is missing")
-    metadata = {"format": SLOTS_FORMAT, "format_version": "1", "base_fingerprint": manifest["base_fingerprint"],
+    metadata = {"format": COREML_SLOTS_FORMAT, "format_version": "1", "base_fingerprint": manifest["base_fingerprint"],
                 "layout": json.dumps({n: list(t.shape) for n, t in tensors.items()}),
                 "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")}
     save_file(tensors, str(out_file), metadata=metadata)
-
-
-def read_slots(path: Path) -> dict[str, np.ndarray]:
-    """A packed adapter as the feed dict for `MLModel.predict` (numpy, the inputs' dtype)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "np") as f:
-        if (f.metadata() or {}).get("format") != SLOTS_FORMAT:
-            raise OdloraError(f"{path}: not a packed Core ML adapter ({SLOTS_FORMAT})")
-        return {name: f.get_tensor(name) for name in f.keys()}

@@ -10,8 +10,8 @@ The program has two methods over the same weights and one shared KV cache (mutab
 
 both static-shaped: XNNPACK refuses reshapes with a symbolic size, so a dynamic T would cut the
 delegate at every view. Prompts run in C-token chunks (the last one right-aligned, or padded when
-the prompt is shorter than C; see `ExecutorchSession.forward`). The slots come as one input per
-layer and slot tensor (`slot_input_names`), read in place: zeros give exactly the base.
+the prompt is shorter than C; see `runtime/executorch.py`'s `ExecutorchSession.forward`). The slots come as one input per
+layer and slot tensor (`SlotSpec.per_layer_names`), read in place: zeros give exactly the base.
 
 To keep the XNNPACK delegate whole (one partition per method, two with a tied embedding, instead
 of several per layer: the design notes' measured warning) the model goes through rewrites first:
@@ -45,7 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OdloraError
-from .slots import SlotSpec, SlottedModel
+from ..formats.blobs import EXECUTORCH_SLOTS_FORMAT
+from ..formats.slots import SlotSpec
+from ..models.rewrite import replace_linears
+from ..models.slots import SlottedModel, per_layer, zero_slots
 
 QUANTS = ("fp32", "8da4w", "8da8w")
 PROGRAM, DATA = "model.pte", "model.ptd"
@@ -246,7 +249,7 @@ def runtime_matmul(graph, node):
 
 
 class PerLayerSlots(nn.Module):
-    """The slotted model with one input per layer and slot tensor, layer-major (`slot_input_names`).
+    """The slotted model with one input per layer and slot tensor, layer-major (`SlotSpec.per_layer_names`).
 
     The program then reads each layer's slots in place: taking layer i out of a stacked 3-D input
     is a copy per call in ExecuTorch (select_copy), about 20 MB per decoded token for rank-16
@@ -259,16 +262,6 @@ class PerLayerSlots(nn.Module):
 
     def forward(self, tokens, input_pos, *per_layer):
         return self.slotted(tokens, input_pos, *(list(per_layer[k::self.n]) for k in range(self.n)))
-
-
-def slot_input_names(spec: SlotSpec) -> list[str]:
-    return [f"{name}.{layer}" for layer in range(spec.n_layers) for name in spec.layout()]
-
-
-def per_layer(slots: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Stacked slot tensors -> the program's per-layer inputs, as views (no copy)."""
-    stacked = list(slots.values())
-    return [t[layer] for layer in range(stacked[0].shape[0]) for t in stacked]
 
 
 # -- quantisation of the frozen base ----------------------------------------------------------
@@ -306,12 +299,9 @@ class GridOffsetLinear(nn.Module):
 
 def split_for_int4(model: nn.Module) -> None:
     """Every base linear but the LM head (and a baked adapter's factors) becomes a GridOffsetLinear."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            fqn = f"{name}.{child_name}" if name else child_name
-            if (isinstance(child, nn.Linear) and fqn != "lm_head" and "lora_" not in fqn
-                    and child.in_features % GROUP_SIZE == 0):
-                setattr(module, child_name, GridOffsetLinear(child))
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"
+               and "lora_" not in name and module.in_features % GROUP_SIZE == 0]
+    replace_linears(model, linears, lambda _, linear: GridOffsetLinear(linear))
 
 
 def quantize_base(model: nn.Module, quant: str) -> nn.Module:
@@ -364,33 +354,47 @@ def count_delegates(graph_module) -> int:
 
 
 def export_program(model: nn.Module, spec: Optional[SlotSpec], out_dir: Path, quant: str, max_seq_len: int,
-                   config: Optional[dict] = None) -> dict:
+                   config: Optional[dict] = None, backend: str = "xnnpack") -> dict:
     """Write model.pte (program) and model.ptd (weights) into out_dir; returns the manifest fields.
 
     `model` is not modified (the export works on a copy). `spec=None` exports without slots (the
     bench's comparison). `config` (the base's config.json dict), when given, supplies the BOS/EOS
-    ids the ExecuTorch LLM runner reads from the program.
+    ids the ExecuTorch LLM runner reads from the program. `backend` names the partitioner
+    (`PARTITIONERS`) that delegates the graph.
     """
     if quant not in QUANTS:
         raise OdloraError(f"unknown ExecuTorch quantisation {quant!r} (choose from {', '.join(QUANTS)})")
+    if backend not in PARTITIONERS:
+        raise OdloraError(f"unknown ExecuTorch backend {backend!r} (choose from {', '.join(PARTITIONERS)})")
     decoder = quantize_base(prepare(model, max_seq_len), quant)
     module = PerLayerSlots(SlottedModel(decoder, spec)).eval() if spec is not None else decoder
-    slots = tuple(per_layer(spec.zeros())) if spec is not None else ()
+    slots = tuple(per_layer(zero_slots(spec))) if spec is not None else ()
     chunk = min(PREFILL_CHUNK, max_seq_len)
     delegates = lower(module, {"forward": 1, "prefill": chunk}, slots, Path(out_dir),
-                      metadata=runner_metadata(decoder.args, max_seq_len, chunk, config), quantised=quant != "fp32")
+                      metadata=runner_metadata(decoder.args, max_seq_len, chunk, config), quantised=quant != "fp32",
+                      partitioner=PARTITIONERS[backend]())
     return {"executorch": {
         "program": PROGRAM, "data": DATA, "methods": {"forward": 1, "prefill": chunk},
-        "inputs": ["tokens", "input_pos", *(slot_input_names(spec) if spec is not None else ())],
-        "delegate_partitions": delegates, "backend": "xnnpack",
+        "inputs": ["tokens", "input_pos", *(spec.per_layer_names() if spec is not None else ())],
+        "delegate_partitions": delegates, "backend": backend,
     }}
 
 
-def lower(module: nn.Module, methods: dict[str, int], extra_inputs: tuple, out_dir: Path, metadata: dict,
-          quantised: bool) -> dict[str, int]:
-    """export -> graph rewrites -> edge + XNNPACK -> out_dir/model.pte + model.ptd, one method per
-    (name, T) in `methods` over the same weights and KV cache; returns delegate partitions per method."""
+def xnnpack_partitioner():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return XnnpackPartitioner()
+
+
+# The partitioners a program can be lowered with. The graph rewrites above are XNNPACK's; another
+# delegate (Vulkan, QNN, Core ML) gets its entry here and its rewrites beside them.
+PARTITIONERS = {"xnnpack": xnnpack_partitioner}
+
+
+def lower(module: nn.Module, methods: dict[str, int], extra_inputs: tuple, out_dir: Path, metadata: dict,
+          quantised: bool, partitioner) -> dict[str, int]:
+    """export -> graph rewrites -> edge + `partitioner` -> out_dir/model.pte + model.ptd, one method
+    per (name, T) in `methods` over the same weights and KV cache; returns delegate partitions per method."""
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
@@ -403,7 +407,7 @@ def lower(module: nn.Module, methods: dict[str, int], extra_inputs: tuple, out_d
             xnnpack_graph_rewrites(ep)
             tag_weights(ep, tag)
             programs[method] = ep
-    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+    edge = to_edge_transform_and_lower(programs, partitioner=[partitioner], constant_methods=metadata)
     delegates = {method: count_delegates(edge.exported_program(method).graph_module) for method in programs}
     program = edge.to_executorch(ExecutorchBackendConfig(
         # Weights outside the delegate go to the .ptd too; constants the compiler folded (masks,
@@ -437,9 +441,6 @@ def runner_metadata(args, max_seq_len: int, chunk: int, config: Optional[dict]) 
 
 # -- adapters ---------------------------------------------------------------------------------
 
-SLOTS_FORMAT = "odlora-executorch-slots"
-
-
 def pack_slots(slots: dict[str, torch.Tensor], manifest: dict, out_file: Path) -> None:
     """The adapter blob: its slot tensors as safetensors, passed to the program as method inputs.
 
@@ -453,168 +454,7 @@ def pack_slots(slots: dict[str, torch.Tensor], manifest: dict, out_file: Path) -
     spec = SlotSpec.from_dict(manifest["slots"])
     if list(slots) != list(spec.layout()):
         raise OdloraError(f"slot tensors {list(slots)} do not match the export's layout {list(spec.layout())}")
-    rank = used_rank(slots, spec)
-    meta = {"format": SLOTS_FORMAT, "target": "executorch", "base_fingerprint": manifest["base_fingerprint"],
+    rank = max(1, spec.used_rank(slots))
+    meta = {"format": EXECUTORCH_SLOTS_FORMAT, "target": "executorch", "base_fingerprint": manifest["base_fingerprint"],
             "rank": str(rank)}
-    save_file(resize_rank(slots, spec, spec.max_rank, rank), str(out_file), metadata=meta)
-
-
-def used_rank(slots: dict[str, torch.Tensor], spec: SlotSpec) -> int:
-    """The smallest r such that every member's rank slice is zero beyond r (at least 1)."""
-    used = torch.zeros(spec.max_rank, dtype=torch.bool)
-    for group, members in spec.groups().items():
-        A, B = slots[f"lora_A_{group}"], slots[f"lora_B_{group}"]
-        used |= B.abs().amax(dim=(0, 1)) > 0
-        used |= A.abs().amax(dim=(0, 2)).view(len(members), spec.max_rank).amax(dim=0) > 0
-    return max(1, int(used.nonzero().max()) + 1 if used.any() else 1)
-
-
-def resize_rank(slots: dict[str, torch.Tensor], spec: SlotSpec, old: int, new: int) -> dict[str, torch.Tensor]:
-    """Slot tensors laid out for rank `old` -> rank `new`: each member's rank slice cut or zero-padded."""
-    out, keep = {}, min(old, new)
-    for group, members in spec.groups().items():
-        A, B = slots[f"lora_A_{group}"].float(), slots[f"lora_B_{group}"].float()
-        L, _, in_features = A.shape
-        A_new = torch.zeros(L, len(members) * new, in_features)
-        for m in range(len(members)):
-            A_new[:, m * new: m * new + keep] = A[:, m * old: m * old + keep]
-        B_new = torch.zeros(L, B.shape[1], new)
-        B_new[..., :keep] = B[..., :keep]
-        out[f"lora_A_{group}"], out[f"lora_B_{group}"] = A_new, B_new
-    return out
-
-
-def read_slots(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    """Load a packed adapter as the export's full-rank slot tensors, checking it was packed for
-    this export's base and slot layout."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise OdloraError(f"{path}: no such packed adapter") from None
-    except (SafetensorError, OSError) as e:
-        raise OdloraError(f"{path}: not a packed ExecuTorch adapter ({e})") from None
-    if meta.get("format") != SLOTS_FORMAT:
-        raise OdloraError(f"{path}: not a packed ExecuTorch adapter (format {meta.get('format')!r})")
-    if meta.get("base_fingerprint") != manifest["base_fingerprint"]:
-        raise OdloraError(f"{path}: packed for base {str(meta.get('base_fingerprint'))[:19]}..., "
-                          f"this export is {manifest['base_fingerprint'][:19]}... (a different base)")
-    spec = SlotSpec.from_dict(manifest["slots"])
-    rank = int(meta.get("rank", spec.max_rank))
-    for name, shape in spec.layout().items():
-        stored = [shape[0], shape[1] // spec.max_rank * rank, shape[2]] if "lora_A" in name else shape[:2] + [rank]
-        if name not in tensors or list(tensors[name].shape) != stored or not 1 <= rank <= spec.max_rank:
-            raise OdloraError(f"{path}: slot tensor {name} is missing or not {stored}")
-    return resize_rank(tensors, spec, rank, spec.max_rank)
-
-
-# -- runtime ----------------------------------------------------------------------------------
-
-class ExecutorchSession:
-    """An ExecuTorch export loaded once, run with any packed adapter or none (exactly the base).
-
-        session = ExecutorchSession("out/")
-        adapter = session.load_adapter("my-adapter.slots")
-        logits = session.forward(prompt_ids, 0, adapter)            # (1, T, vocab)
-        ids = session.greedy(prompt_ids, 20, adapter)
-
-    The KV cache lives in the program (mutable buffers shared by `forward` and `prefill`). No reset
-    between sequences is needed: a call at positions p.. reads only cache slots before p, so a new
-    sequence from position 0 never sees the old one. Adapters may change between any two calls,
-    but a sequence's cache holds keys and values computed under the adapter active at the time.
-    """
-
-    def __init__(self, export_dir: Path, threads: Optional[int] = None):
-        from executorch.runtime import Runtime
-
-        from .export import read_manifest
-
-        import executorch.kernels.quantized  # noqa: F401  registers the quantised embedding kernels
-
-        if threads:
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-            _unsafe_reset_threadpool(threads)
-        self.dir = Path(export_dir)
-        self.manifest = read_manifest(self.dir, verify=False)
-        if self.manifest["target"] != "executorch":
-            raise OdloraError(f"{self.dir}: a {self.manifest['target']} export, not an ExecuTorch one")
-        fields = self.manifest["executorch"]
-        data = self.dir / fields["data"] if fields.get("data") else None
-        self.program = Runtime.get().load_program(self.dir / fields["program"], data_path=data)
-        self.decode = self.program.load_method("forward")
-        self.prefill = self.program.load_method("prefill")
-        self.chunk = fields["methods"]["prefill"]
-        self.max_seq_len = self.manifest["max_seq_len"]
-        self._zeros = SlotSpec.from_dict(self.manifest["slots"]).zeros()  # the base, allocated once
-        self._zero_inputs = per_layer(self._zeros)
-        self._adapter = self._adapter_inputs = None
-
-    def load_adapter(self, path: Path) -> dict[str, torch.Tensor]:
-        return read_slots(path, self.manifest)
-
-    def _run(self, method, tokens, positions, slots) -> torch.Tensor:
-        return method.execute([tokens.contiguous(), positions.contiguous(), *slots])[0]
-
-    def forward(self, tokens, input_pos, adapter: Optional[dict] = None) -> torch.Tensor:
-        """Logits (1, T, vocab) for T tokens at consecutive positions from `input_pos` (an int
-        or the (T,) positions), writing their keys and values into the cache."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
-        T = tokens.shape[1]
-        start = int(input_pos) if isinstance(input_pos, int) else int(torch.as_tensor(input_pos).reshape(-1)[0])
-        positions = torch.arange(start, start + T)
-        if not isinstance(input_pos, int) and not torch.equal(torch.as_tensor(input_pos).reshape(-1), positions):
-            raise OdloraError("input_pos must be consecutive positions")
-        if start < 0 or start + T > self.max_seq_len:
-            raise OdloraError(f"positions {start}..{start + T - 1} are outside this export's {self.max_seq_len}")
-        if adapter is not self._adapter:  # the per-layer views of the last adapter, kept
-            self._adapter, self._adapter_inputs = adapter, per_layer(adapter) if adapter is not None else None
-        slots = self._zero_inputs if adapter is None else self._adapter_inputs
-        if T == 1:
-            return self._run(self.decode, tokens, positions, slots)
-        C, done, outs = self.chunk, 0, []
-        while T - done >= C:
-            outs.append(self._run(self.prefill, tokens[:, done:done + C], positions[done:done + C], slots))
-            done += C
-        rest = T - done
-        if rest and T >= C:
-            # Right-align the last chunk: its first C - rest tokens are recomputed and rewrite the
-            # same keys and values.
-            outs.append(self._run(self.prefill, tokens[:, T - C:], positions[T - C:], slots)[:, C - rest:])
-        elif rest and start + C <= self.max_seq_len:
-            # Pad a short prompt to C tokens: the pad positions are written but never read, since
-            # every later call reads only the slots before its own first position.
-            padded = torch.cat((tokens, torch.zeros(1, C - rest, dtype=torch.long)), dim=1)  # T == rest here
-            outs.append(self._run(self.prefill, padded, torch.arange(start, start + C), slots)[:, :rest])
-        elif rest:  # too close to the end of the cache to pad: one token at a time
-            outs += [self._run(self.decode, tokens[:, i:i + 1], positions[i:i + 1], slots) for i in range(done, T)]
-        return torch.cat(outs, dim=1)
-
-    def perplexity(self, ids: list[int], adapter: Optional[dict] = None) -> float:
-        """Token perplexity of `ids`, scored in windows of the export's length (each a new sequence)."""
-        total, count = 0.0, 0
-        for start in range(0, len(ids) - 1, self.max_seq_len):
-            window = torch.tensor(ids[start:start + self.max_seq_len + 1])
-            if len(window) < 2:
-                break
-            logits = self.forward(window[:-1], 0, adapter)[0]
-            total += F.cross_entropy(logits, window[1:], reduction="sum").item()
-            count += len(window) - 1
-        return math.exp(total / count)
-
-    def greedy(self, prompt_ids: list[int], n: int, adapter: Optional[dict] = None,
-               stop_ids: tuple[int, ...] = ()) -> list[int]:
-        """Up to n greedy tokens after the prompt, a new sequence from position 0 (stop token excluded)."""
-        logits = self.forward(prompt_ids, 0, adapter)
-        out = []
-        for pos in range(len(prompt_ids), len(prompt_ids) + n):
-            token = int(logits[0, -1].argmax())
-            if token in stop_ids:
-                break
-            out.append(token)
-            if len(out) == n or pos == self.max_seq_len:
-                break
-            logits = self.forward([token], pos, adapter)
-        return out
+    save_file(spec.resize_rank(slots, spec.max_rank, rank), str(out_file), metadata=meta)

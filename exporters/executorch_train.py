@@ -42,6 +42,7 @@ from torch import nn
 
 from ..errors import OdloraError
 from ..lora import LoraConfig, apply_lora
+from ..models.rewrite import replace_linears
 from ..quant import Int8Linear, quantize_base
 
 PROGRAM, DATA = "train.pte", "train.ptd"
@@ -65,13 +66,6 @@ class TrainStep(nn.Module):
 
 def lora_parameters(step: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in step.named_parameters() if p.requires_grad}
-
-
-def module_name(parameter: str) -> tuple[str, str]:
-    """`model.model.layers.0.self_attn.q_proj.lora_A.weight` -> (`model.layers.0.self_attn.q_proj`, `A`)."""
-    stem = parameter.removeprefix("model.").removesuffix(".weight")
-    module, _, factor = stem.rpartition(".lora_")
-    return module, factor
 
 
 # -- rewrites of the joint graph: pure functions on an ExportedProgram ---------------------------
@@ -142,10 +136,8 @@ class DequantizingLinear(nn.Module):
 def quantize_int8(model: nn.Module) -> None:
     """The decoder's linears to int8 weights in place (the embedding and LM head stay fp32)."""
     quantize_base(model, "int8", torch.float32)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Int8Linear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, DequantizingLinear(module))
+    int8 = [name for name, module in model.named_modules() if isinstance(module, Int8Linear)]
+    replace_linears(model, int8, lambda _, linear: DequantizingLinear(linear))
 
 
 def example_batch(batch_size: int, seq_len: int):

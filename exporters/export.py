@@ -4,10 +4,10 @@
     -> manifest.json (fingerprint, architecture, slots, quantisation, sha256 + size per file)
     -> swapped into place (`atomic.py`: a half-written export never appears at the final path)
 
-A target module (`exporters/onnx.py`, ...) provides:
+A target (`formats/targets.py`: its quantisations, blob suffix and options) has an exporter module
+`exporters/<target>.py` that provides:
 
-    QUANTS: tuple[str, ...]                       quantisations it accepts (first is the default)
-    export_program(model, spec, out_dir, quant, max_seq_len) -> dict
+    export_program(model, spec, out_dir, quant, max_seq_len, config, **export_options) -> dict
         writes its files into out_dir, returns target-specific manifest fields
     pack_slots(slots, manifest, out_file) -> None
         writes one adapter's slot tensors in the target's native blob format
@@ -15,6 +15,7 @@ A target module (`exporters/onnx.py`, ...) provides:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import time
@@ -25,39 +26,40 @@ from .. import __version__
 from ..adapter import check_base, load_adapter
 from ..base import load_base, resolve
 from ..errors import OdloraError
-from ..lora import TARGET_PRESETS
+from ..formats.manifest import MANIFEST, file_table, read_manifest, sha256_file
+from ..formats.schemas import ExportManifest, PackedSidecar
+from ..formats.slots import DEFAULT_MAX_RANK, PROJECTIONS, SlotSpec
+from ..formats.targets import DEFAULT_MAX_SEQ_LEN, TRAINING_TARGET, target as find_target
+from ..models.slots import slot_tensors, spec_for_model
 from ..outputs import EXPORT, PACKED, check_output, staged_output, staged_packed
-from ..registry import sha256_file
-from ..schemas import ExportManifest, PackedSidecar, read_json, to_dict
-from .slots import SlotSpec, slot_tensors
+from ..registry import odlora_home
 
-TARGETS = ("onnx", "executorch", "coreml")
-MANIFEST = "manifest.json"
-
-
-def target_module(target: str):
-    if target not in TARGETS:
-        raise OdloraError(f"unknown export target {target!r} (targets: {', '.join(TARGETS)})")
-    return importlib.import_module(f"{__package__}.{target}")
+def exporter(target: str):
+    """The exporter module of `target` (`exporters/<target>.py`)."""
+    return importlib.import_module(f"{__package__}.{find_target(target).name}")
 
 
 def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str] = None,
-           max_rank: int = 16, targets=TARGET_PRESETS["all-linear"], max_seq_len: int = 512,
+           max_rank: Optional[int] = None, targets=PROJECTIONS, max_seq_len: Optional[int] = None,
            force: bool = False, say=print) -> dict:
-    """Export the base once for `target` with adapter slots; returns the manifest."""
-    module = target_module(target)
-    quant = quant or module.QUANTS[0]
-    if quant not in module.QUANTS:
-        raise OdloraError(f"--quant {quant!r} is not supported for {target} (choose from {', '.join(module.QUANTS)})")
+    """Export the base once for `target` with adapter slots; returns the manifest. None picks the
+    default: the target's first quantisation, DEFAULT_MAX_RANK, DEFAULT_MAX_SEQ_LEN."""
+    entry = find_target(target)
+    max_rank = DEFAULT_MAX_RANK if max_rank is None else max_rank
+    max_seq_len = DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len
+    quant = quant or entry.quants[0]
+    if quant not in entry.quants:
+        raise OdloraError(f"{quant!r} is not supported for {target} (choose from {', '.join(entry.quants)})", param="quant")
     out = check_out(out, force, resolve(base_spec))
     started = time.perf_counter()
     base = load_base(base_spec)
     if max_seq_len > base.model.args.max_seq_len:
-        raise OdloraError(f"--max-seq-len {max_seq_len} exceeds the base's {base.model.args.max_seq_len} positions")
-    spec = SlotSpec.for_model(base.model, targets, max_rank)
+        raise OdloraError(f"{max_seq_len} exceeds the base's {base.model.args.max_seq_len} positions", param="max_seq_len")
+    spec = spec_for_model(base.model, targets, max_rank)
     with staged_output(out, EXPORT) as tmp:
         say(f"exporting {base.spec} to {target} ({quant}, slots r<={max_rank} on {','.join(spec.targets)}) ...")
-        target_fields = module.export_program(base.model, spec, tmp, quant, max_seq_len)
+        target_fields = exporter(target).export_program(base.model, spec, tmp, quant, max_seq_len, base.config,
+                                                        **entry.export_options)
         return write_manifest(tmp, base, target, quant, started, {"max_seq_len": max_seq_len, "slots": spec.to_dict(),
                                                                    **target_fields})
 
@@ -74,7 +76,28 @@ def export_trainable(base, out: Path, lora, batch_size: int, seq_len: int, force
         say(f"exporting {base.spec} as an ExecuTorch training program (LoRA r={lora.rank} on {','.join(lora.targets)}, "
             f"batch {batch_size} x {seq_len} tokens, base {base_quant}) ...")
         fields = export_training_program(base.model, lora, batch_size, seq_len, tmp, base_quant)
-        return write_manifest(tmp, base, "executorch-train", base_quant, started, {"max_seq_len": seq_len, **fields})
+        return write_manifest(tmp, base, TRAINING_TARGET, base_quant, started, {"max_seq_len": seq_len, **fields})
+
+
+def training_program_key(fingerprint: str, lora, batch_size: int, seq_len: int, base_quant: str) -> str:
+    what = {"base": fingerprint, "lora": lora.to_dict(), "batch_size": batch_size, "seq_len": seq_len,
+            "base_quant": base_quant}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_training_program(base, lora, batch_size: int, seq_len: int, base_quant: str, say=print) -> Path:
+    """The training program for this base and shape under $ODLORA_HOME, exported on first use
+    (`personalize`'s `program_exporter` for `--engine executorch` without `--program`)."""
+    from ..device_train import read_program
+
+    path = odlora_home() / "train-programs" / training_program_key(base.fingerprint, lora, batch_size, seq_len,
+                                                                   base_quant)
+    try:
+        read_program(path)
+        return path
+    except OdloraError:  # absent or incomplete: (re)export it, atomically
+        export_trainable(base, path, lora, batch_size, seq_len, force=True, say=say, base_quant=base_quant)
+    return path
 
 
 def check_out(out: Path, force: bool, base_path: Path) -> Path:
@@ -95,35 +118,6 @@ def write_manifest(tmp: Path, base, target: str, quant: str, started: float, fie
     return manifest
 
 
-def file_table(root: Path, manifest: str = MANIFEST) -> dict[str, dict]:
-    """Relative path -> {"sha256", "size"} for every file under root but the manifest itself."""
-    return {str(f.relative_to(root)): {"sha256": sha256_file(f), "size": f.stat().st_size}
-            for f in sorted(root.rglob("*")) if f.is_file() and f != root / manifest}
-
-
-def read_manifest(export_dir: Path, verify: bool = True) -> dict:
-    """Load an export's manifest (schema-checked, slots consistent); with `verify`, check every
-    file's size and sha256."""
-    path = Path(export_dir) / MANIFEST
-    try:
-        manifest = to_dict(read_json(path, ExportManifest))
-    except FileNotFoundError:
-        raise OdloraError(f"{export_dir}: not an odlora export (no {MANIFEST})") from None
-    if "slots" in manifest:
-        try:
-            SlotSpec.from_dict(manifest["slots"])
-        except OdloraError as e:
-            raise OdloraError(f"{path}: slots: {e}") from None
-    if verify:
-        for name, entry in manifest["files"].items():
-            f = Path(export_dir) / name
-            if not f.is_file():
-                raise OdloraError(f"{export_dir}: file {name} listed in the manifest is missing")
-            if f.stat().st_size != entry["size"] or sha256_file(f) != entry["sha256"]:
-                raise OdloraError(f"{export_dir}: file {name} does not match its manifest checksum")
-    return manifest
-
-
 def pack(adapter_dir: Path, export_dir: Path, out: Path, force: bool = False) -> dict:
     """Turn a PEFT-format adapter into the export target's native blob; returns its sidecar.
 
@@ -136,7 +130,7 @@ def pack(adapter_dir: Path, export_dir: Path, out: Path, force: bool = False) ->
     check_base(adapter, manifest["base_fingerprint"], str(adapter_dir))
     slots = slot_tensors(adapter, SlotSpec.from_dict(manifest["slots"]))  # checks rank, targets, shapes
     with staged_packed(out) as (blob, sidecar):
-        target_module(manifest["target"]).pack_slots(slots, manifest, blob)
+        exporter(manifest["target"]).pack_slots(slots, manifest, blob)
         info = {
             "format": PackedSidecar.FORMAT, "format_version": PackedSidecar.VERSION, "target": manifest["target"],
             "base_fingerprint": manifest["base_fingerprint"], "fingerprint_verified": adapter.fingerprint is not None,

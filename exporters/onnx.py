@@ -15,7 +15,7 @@ Rewrites before torch.export, pure functions on the model (the model file stays 
 `replace_kv_cache_with_io` (ONNX Runtime wants a functional graph: past-in / present-out
 tensors instead of in-place buffers; present = past with positions `input_pos` overwritten,
 and the runtime feeds present back as the next call's past). The slotted linears are
-`slots.SlottedModel`'s, fed one graph input per layer (see `CacheIOModel` for why).
+`models.slots.SlottedModel`'s, fed one graph input per layer (see `CacheIOModel` for why).
 
 Slots: every slot input also has an all-zero *sparse* initializer of the same name. ONNX Runtime
 treats an initializer that is also a graph input as overridable: with no adapter active it uses
@@ -33,27 +33,26 @@ never quantised: their MatMuls read graph inputs, not initializers.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import OdloraError
+from ..formats.blobs import ONNX_ADAPTER_VERSION, onnx_model_version
+from ..formats.slots import SlotSpec
 from ..models.llama import Attention, apply_rope
+from ..models.slots import SlottedModel, zero_slots
+from ..quiet import quiet
 from .onnx_quant import quantize_weights
-from .slots import SlotSpec, SlottedModel
 
 QUANTS = ("fp32", "int8", "int4")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 OPSET = 21
-ADAPTER_VERSION = 1  # of our .onnx_adapter content (names and layout of the slot tensors)
 
 
 # -- graph rewrites (pure functions, applied before torch.export) -------------------------------
@@ -126,11 +125,6 @@ def cache_names(n_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
 
 
-def slot_input_names(spec: SlotSpec) -> list[str]:
-    """Graph inputs of the slots: `<slot>.<layer>` is layer <layer> of `spec.layout()`'s `<slot>`."""
-    return [f"{name}.{layer}" for layer in range(spec.n_layers) for name in spec.layout()]
-
-
 def per_layer_slots(slots: dict[str, torch.Tensor], spec: SlotSpec) -> dict[str, torch.Tensor]:
     """Stacked slot tensors (`slot_tensors`' output) -> the graph's per-layer slot inputs."""
     return {f"{name}.{layer}": slots[name][layer] for layer in range(spec.n_layers) for name in spec.layout()}
@@ -140,7 +134,7 @@ class CacheIOModel(nn.Module):
     """`forward(tokens, input_pos, *past_caches, *per_layer_slots) -> (logits, *present_caches)`.
 
     The slotted linears are `SlottedModel`'s, but each layer's slice of a slot tensor is its own
-    graph input (`slot_input_names`): with the stacked (L, ...) inputs of `SlottedModel.forward`
+    graph input (`SlotSpec.per_layer_names`): with the stacked (L, ...) inputs of `SlottedModel.forward`
     ONNX Runtime copies every layer's slice out of the stack on every call (Gather/Split), which
     measured 37% over the slot-free graph per int4 decode step against 13% for per-layer inputs
     (1 thread, CPU time, default base, r <= 16 on all seven linears).
@@ -156,7 +150,7 @@ class CacheIOModel(nn.Module):
         n = 2 * len(self.caches)
         for i, cache in enumerate(self.caches):
             cache.k_cache, cache.v_cache = flat[2 * i], flat[2 * i + 1]
-        slots = iter(flat[n:])  # slot_input_names order: layer-major, then spec.layout() order
+        slots = iter(flat[n:])  # SlotSpec.per_layer_names order: layer-major, then spec.layout() order
         for groups in self.slotted.groups:
             named = {name: next(slots) for name in self.slotted.slot_names}
             for group_name, group in groups.items():
@@ -173,10 +167,12 @@ class CacheIOModel(nn.Module):
 
 # -- export ------------------------------------------------------------------------------------
 
-def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, max_seq_len: int) -> dict:
+def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, max_seq_len: int,
+                   config: Optional[dict] = None) -> dict:
     """Write model.onnx + model.onnx.data into out_dir; returns the manifest's "onnx" fields.
 
-    `model` is changed in place (slots and IO caches replace its linears and KV caches).
+    `model` is changed in place (slots and IO caches replace its linears and KV caches). `config`
+    is not read: the graph needs nothing from it that the model does not hold.
     """
     import onnx
 
@@ -187,11 +183,11 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
     graph = CacheIOModel(model, spec).eval()
     T = min(3, max_seq_len)  # not 1: torch.export would specialise T to the example's size
     caches = [torch.zeros(cache_shape) for _ in range(2 * a.n_layers)]
-    slots = per_layer_slots(spec.zeros(), spec).values()
+    slots = per_layer_slots(zero_slots(spec), spec).values()
     example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T), *caches, *slots)
     t_dim = torch.export.Dim("T", min=1, max=max_seq_len)
     dynamic = ({1: t_dim}, {0: t_dim}, (None,) * (len(example) - 2))
-    inputs = ["tokens", "input_pos", *cache_names(a.n_layers, "past"), *slot_input_names(spec)]
+    inputs = ["tokens", "input_pos", *cache_names(a.n_layers, "past"), *spec.per_layer_names()]
     outputs = ["logits", *cache_names(a.n_layers, "present")]
     with torch.no_grad(), quiet_toolchain():
         program = torch.export.export(graph, example, dynamic_shapes=dynamic, strict=False)
@@ -218,30 +214,18 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
             "shape": cache_shape, "dtype": "float32", "position_axis": 2,
             "update": "present = past with positions input_pos overwritten; feed present as the next past",
         },
-        "slot_inputs": slot_input_names(spec),
+        "slot_inputs": spec.per_layer_names(),
         "slot_input_layout": "<slot>.<layer> is layer <layer> of the stacked slot tensor <slot> (slots.layout)",
         "slot_defaults": "zeros (sparse initializers, overridden by an active onnxruntime.LoraAdapter)",
         "quantization": quantization,
     }}
 
 
-@contextlib.contextmanager
 def quiet_toolchain():
     """Silence what torch.export / torch.onnx print that is no news to our users (torchvision
     ops skipped, deprecations inside torch); errors still raise."""
-    names = ("torch.onnx", "torch.export", "torch._export", "onnxruntime.quantization", "onnxscript", "onnx_ir")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+    return quiet(("torch.onnx", "torch.export", "torch._export", "onnxruntime.quantization", "onnxscript", "onnx_ir"),
+                 (FutureWarning, DeprecationWarning))
 
 
 def light_optimize(model) -> None:
@@ -274,19 +258,12 @@ def add_zero_slot_defaults(proto, spec: SlotSpec) -> None:
     from onnx import TensorProto, helper
 
     existing = {i.name for i in proto.graph.initializer} | {s.values.name for s in proto.graph.sparse_initializer}
-    for name, tensor in per_layer_slots(spec.zeros(), spec).items():
+    for name, tensor in per_layer_slots(zero_slots(spec), spec).items():
         if name in existing:
             raise OdloraError(f"internal: the exported graph already has an initializer named {name}")
         values = helper.make_tensor(name, TensorProto.FLOAT, [0], [])
         indices = helper.make_tensor(f"{name}_indices", TensorProto.INT64, [0], [])
         proto.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(tensor.shape)))
-
-
-def model_version(fingerprint: Optional[str]) -> int:
-    """The `.onnx_adapter` model version: 28 bits of the base fingerprint (0 when unknown)."""
-    if not fingerprint:
-        return 0
-    return int(fingerprint.removeprefix("sha256:")[:7], 16)
 
 
 # -- adapters ----------------------------------------------------------------------------------
@@ -306,119 +283,7 @@ def pack_slots(slots: dict[str, torch.Tensor], manifest: dict, out_file: Path) -
             raise OdloraError(f"slot tensor {name} is {list(t.shape)}, the export takes {expected[name]}")
         params[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.detach().float().numpy()))
     fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(ADAPTER_VERSION)
-    fmt.set_model_version(model_version(manifest["base_fingerprint"]))
+    fmt.set_adapter_version(ONNX_ADAPTER_VERSION)
+    fmt.set_model_version(onnx_model_version(manifest["base_fingerprint"]))
     fmt.set_parameters(params)
     fmt.export_adapter(str(out_file))
-
-
-# -- a small runtime ---------------------------------------------------------------------------
-
-class OnnxSession:
-    """An ONNX Runtime export opened once; adapters swap per call.
-
-        s = OnnxSession("out/")
-        ad = s.load_adapter("my.onnx_adapter")
-        ids = s.greedy(prompt_ids, 32, adapter=ad)        # or adapter=None: the base
-    """
-
-    def __init__(self, export_dir: Path, threads: Optional[int] = None, verify: bool = True):
-        import onnxruntime as ort
-
-        from .export import read_manifest
-
-        self.dir = Path(export_dir)
-        self.manifest = read_manifest(self.dir, verify=verify)
-        if self.manifest["target"] != "onnx":
-            raise OdloraError(f"{export_dir}: a {self.manifest['target']} export, not an onnx one")
-        info = self.manifest["onnx"]
-        self.cache_layout = info["cache_layout"]
-        self.slot_shapes = {i["name"]: i["shape"] for i in info["inputs"] if i["name"] in info["slot_inputs"]}
-        self.model_version = model_version(self.manifest["base_fingerprint"])
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # ORT warns once per overridable initializer: by design here
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.dir / info["model"]), options, providers=["CPUExecutionProvider"])
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.cache_layout["shape"][2]
-
-    def load_adapter(self, path: Path):
-        """Check an `.onnx_adapter` file against this export and memory-map it."""
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise OdloraError(f"{path}: no such adapter file")
-        try:
-            fmt = ort.AdapterFormat.read_adapter(str(path))
-            params = fmt.get_parameters()
-        except Exception as e:  # ORT raises its own types for a damaged flatbuffer
-            raise OdloraError(f"{path}: not a readable ONNX Runtime adapter ({type(e).__name__}: {e})") from None
-        if fmt.get_model_version() != self.model_version:
-            raise OdloraError(f"{path}: packed for another base (model version {fmt.get_model_version()}, "
-                              f"this export's is {self.model_version}); pack the adapter against this export")
-        shapes = {name: list(v.shape()) for name, v in params.items()}
-        if shapes != self.slot_shapes:
-            name = sorted(set(shapes) ^ set(self.slot_shapes)) or [n for n in shapes if shapes[n] != self.slot_shapes[n]]
-            raise OdloraError(f"{path}: its tensors do not match this export's slots (first difference: {name[0]}, "
-                              f"{shapes.get(name[0])} vs {self.slot_shapes.get(name[0])}); pack it against this export")
-        del params, fmt
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
-        return adapter
-
-    def new_cache(self) -> list:
-        import onnxruntime as ort
-
-        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(self.cache_layout["shape"], np.float32))
-                for _ in self.cache_layout["past"]]
-
-    @staticmethod
-    def _options(adapter):
-        """Per call, so concurrent calls may each run their own adapter (or none) on one session."""
-        import onnxruntime as ort
-
-        if adapter is None:
-            return None
-        options = ort.RunOptions()
-        options.add_active_adapter(adapter)
-        return options
-
-    def forward(self, tokens, input_pos, caches: Sequence, adapter=None):
-        """tokens (1, T) and input_pos (T,) ints; caches from `new_cache()` or a previous call.
-        Returns (logits (1, T, vocab) numpy, the updated caches)."""
-        import onnxruntime as ort
-
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
-        input_pos = np.asarray(input_pos, dtype=np.int64).reshape(-1)
-        feeds = {"tokens": ort.OrtValue.ortvalue_from_numpy(tokens),
-                 "input_pos": ort.OrtValue.ortvalue_from_numpy(input_pos)}
-        for name, cache in zip(self.cache_layout["past"], caches):
-            if not isinstance(cache, ort.OrtValue):
-                cache = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cache, np.float32))
-            feeds[name] = cache
-        out = self.session.run_with_ort_values(self.output_names, feeds, self._options(adapter))
-        return out[0].numpy(), list(out[1:])
-
-    def greedy(self, prompt_ids: Sequence[int], n: int, adapter=None, eos_id: Optional[int] = None) -> list[int]:
-        """Prefill the prompt in one call, then decode up to n tokens one at a time."""
-        prompt_ids = list(prompt_ids)
-        if len(prompt_ids) + n > self.max_seq_len:
-            raise OdloraError(f"prompt ({len(prompt_ids)}) + {n} new tokens exceed the export's "
-                              f"--max-seq-len {self.max_seq_len}")
-        caches, out = self.new_cache(), []
-        logits, caches = self.forward([prompt_ids], np.arange(len(prompt_ids)), caches, adapter)
-        pos = len(prompt_ids)
-        while len(out) < n:
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            if token == eos_id or len(out) == n:
-                break
-            logits, caches = self.forward([[token]], [pos], caches, adapter)
-            pos += 1
-        return out

@@ -25,10 +25,11 @@ from torch import nn
 
 from . import __version__
 from .errors import OdloraError
+from .formats.schemas import AdapterMeta, Model, PeftAdapterConfig, read_json, to_dict
 from .lora import LoRALinear, LoraConfig, lora_layers, lora_scaling
-from .prompts import DEFAULT_PROMPT_FORMAT
+from .models.rewrite import replace_linears
 from .outputs import ADAPTER, staged_output
-from .schemas import AdapterMeta, Model, PeftAdapterConfig, read_json, to_dict
+from .prompts import DEFAULT_PROMPT_FORMAT
 
 PEFT_PREFIX = "base_model.model."
 # the module is a dotted path of names and indices (model.layers.0.self_attn.q_proj)
@@ -85,25 +86,26 @@ def adapter_from_factors(factors: dict[str, dict[str, torch.Tensor]], config: Lo
 
 def attach_adapter(model: nn.Module, adapter: Adapter) -> None:
     """Wrap each adapted linear of `model` in a LoRALinear holding the adapter's factors."""
-    for name, a in adapter.A.items():
+    for name in adapter.A:
         try:
-            base_layer = model.get_submodule(name)
+            model.get_submodule(name)
         except AttributeError:
             raise OdloraError(f"adapter module {name} does not exist in this base") from None
-        b = adapter.B[name]
-        if isinstance(base_layer, LoRALinear):
-            raise OdloraError(f"{name} already carries an adapter; blend adapters instead of stacking them")
-        if (a.shape[1], b.shape[0]) != (base_layer.in_features, base_layer.out_features):
-            raise OdloraError(
-                f"adapter module {name} is {b.shape[0]}x{a.shape[1]}, the base layer is "
-                f"{base_layer.out_features}x{base_layer.in_features}: the adapter was made for another base"
-            )
-        lora = LoRALinear(base_layer, a.shape[0], adapter.scalings[name])
-        lora.lora_A.weight.data.copy_(a)
-        lora.lora_B.weight.data.copy_(b)
-        lora.requires_grad_(False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, lora)
+    replace_linears(model, adapter.A, lambda name, linear: adapted_linear(linear, adapter, name))
+
+
+def adapted_linear(base_layer: nn.Module, adapter: Adapter, name: str) -> LoRALinear:
+    """`base_layer` wrapped in a frozen LoRALinear holding the adapter's factors for module `name`."""
+    a, b = adapter.A[name], adapter.B[name]
+    if isinstance(base_layer, LoRALinear):
+        raise OdloraError(f"{name} already carries an adapter; blend adapters instead of stacking them")
+    if (a.shape[1], b.shape[0]) != (base_layer.in_features, base_layer.out_features):
+        raise OdloraError(f"adapter module {name} is {b.shape[0]}x{a.shape[1]}, the base layer is "
+                          f"{base_layer.out_features}x{base_layer.in_features}: the adapter was made for another base")
+    lora = LoRALinear(base_layer, a.shape[0], adapter.scalings[name])
+    lora.lora_A.weight.data.copy_(a)
+    lora.lora_B.weight.data.copy_(b)
+    return lora.requires_grad_(False)
 
 
 def check_base(adapter: Adapter, fingerprint: str, where: str) -> None:

@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .registry import sha256_file
+from .formats.manifest import sha256_file
 
 STAGING, OLD, PENDING = "odlora-staging", "odlora-old", "odlora-pending"
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2

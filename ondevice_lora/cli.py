@@ -25,6 +25,8 @@ import click
 from . import bounds
 from .cli_types import EXISTING_DIR, Bounded, Utf8Text, WeightedPath, click_error_line
 from .errors import OdloraError
+from .formats.slots import DEFAULT_MAX_RANK
+from .formats.targets import DEFAULT_MAX_SEQ_LEN, TARGETS
 from .registry import DEFAULT_BASE
 
 BASE_HELP = f"A Hugging Face model directory, a .gguf file or a registered name (default: {DEFAULT_BASE})."
@@ -89,7 +91,7 @@ def export_option(f):
 
 
 def backend_option(f):
-    return click.option("--backend", default=None, type=click.Choice(["onnx", "executorch", "torch"]),
+    return click.option("--backend", default=None, type=click.Choice([*TARGETS, "torch"]),
                         help="Default: the export's target; torch runs the PyTorch reference of the exported graph.")(f)
 
 
@@ -324,8 +326,11 @@ def personalize(base, data, out, rank, alpha, dropout, rslora, targets, layers, 
         info = personalize_dry_run(cfg, data)
         click.echo(json.dumps(info) if as_json else format_dry_run(info))
         return
+    from .exporters.export import cached_training_program
+
     with TrainingProgress() as progress:
-        metrics = run(cfg, data, out, resume=resume, say=say, progress=progress.update, force=force)
+        metrics = run(cfg, data, out, resume=resume, say=say, progress=progress.update, force=force,
+                      program_exporter=cached_training_program)
     summary = {k: v for k, v in metrics.items() if k != "val_history"}
     say(f"saved {out}: val loss {metrics['val_loss_before']:.4f} -> {metrics['val_loss']:.4f}, "
         f"{metrics['tokens_per_s']:.0f} tokens/s")
@@ -396,14 +401,15 @@ def merge(base, adapters, out, force):
 
 @cli.command("export")
 @base_option
-@click.option("--target", required=True, type=click.Choice(["onnx", "executorch", "coreml"]))
+@click.option("--target", required=True, type=click.Choice(list(TARGETS)))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Export directory to write.")
-@click.option("--quant", default=None, help="Weight quantisation of the base (per target; default: the target's first).")
-@click.option("--max-rank", default=16, show_default=True, type=Bounded(bounds.RANK),
-              help="Largest adapter rank the slots accept.")
+@click.option("--quant", default=None, help="Weight quantisation of the base: " + "; ".join(
+    f"{t.name}: {'|'.join(t.quants)}" for t in TARGETS.values()) + " (default: the first).")
+@click.option("--max-rank", default=None, type=Bounded(bounds.RANK),
+              help=f"Largest adapter rank the slots accept.  [default: {DEFAULT_MAX_RANK}]")
 @click.option("--targets", default="all-linear", show_default=True, help="Which linears get adapter slots.")
-@click.option("--max-seq-len", default=512, show_default=True, type=Bounded(bounds.EXPORT_SEQ_LEN),
-              help="KV-cache length (at most the base's context).")
+@click.option("--max-seq-len", default=None, type=Bounded(bounds.EXPORT_SEQ_LEN),
+              help=f"KV-cache length (at most the base's context).  [default: {DEFAULT_MAX_SEQ_LEN}]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--trainable", is_flag=True, help="executorch: export a LoRA training program instead "
               "(for `personalize --engine executorch --program`), shaped by --rank/--alpha/--targets/--batch-size/--seq-len.")
@@ -438,7 +444,7 @@ def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, 
                           say=lambda msg: click.echo(msg, err=True))
     sizes = {name: entry["size"] for name, entry in manifest["files"].items()}
     summary = {"export": str(out), "target": manifest["target"], "quant": manifest["quant"],
-               **({"rank": rank} if trainable else {"max_rank": max_rank}),
+               **({"rank": rank} if trainable else {"max_rank": manifest["slots"]["max_rank"]}),
                "base_fingerprint": manifest["base_fingerprint"], "bytes": sum(sizes.values()), "export_seconds": manifest["export_seconds"]}
     click.echo(json.dumps({**summary, "files": sizes}) if as_json else print_fields(summary))
 
@@ -552,7 +558,7 @@ def serve(export_dir, adapters, host, port, allow_hosts, api_key, work_dir, back
     """
     from .runtime.access import Access
     from .runtime.server import build_server, model_ids
-    from .runtime.webapp import WebApp
+    from .web.app import WebApp
 
     access = Access.build(host, allow_hosts, api_key)  # a bad flag fails before the export loads
     rt = open_runtime(export_dir, backend)
@@ -649,7 +655,7 @@ def main():
     try:
         cli.main(standalone_mode=False)
     except OdloraError as e:
-        click.echo(f"odlora: error: {e}", err=True)
+        click.echo(f"odlora: error: {e.for_cli()}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("odlora: interrupted", err=True)

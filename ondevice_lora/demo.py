@@ -20,28 +20,27 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 from .bounds import EXPORT_SEQ_LEN, LR, POSITIVE_INT, RANK, SEED, THREADS, check_fields
 from .errors import OdloraError
-from .lora import TARGET_PRESETS
-from .registry import sha256_file
+from .formats.manifest import read_manifest, sha256_file
+from .formats.schemas import DemoState, read_json, to_dict
+from .formats.slots import PROJECTIONS
+from .formats.targets import target as find_target
+from .quiet import quiet
 from .samples import SAMPLE_TASKS, exact_match, load_examples, sample_path
-from .schemas import DemoState, read_json, to_dict
 
 STATE = "demo-state.json"
-TARGETS = ("onnx", "executorch")
-# Per runtime: the base's quantisation and the packed blob's suffix. ONNX int4 is the smallest and
-# fastest ONNX export and sits on the default base's own Q4_1 grid; ExecuTorch fp32 skips torchao's
-# quantisation and XNNPACK's quantised-GEMM passes, the slow part of an already slow export.
+TARGETS = ("onnx", "executorch")  # the runtimes that run here (Core ML needs macOS)
+# Per runtime, the base's quantisation. ONNX int4 is the smallest and fastest ONNX export and sits
+# on the default base's own Q4_1 grid; ExecuTorch fp32 skips torchao's quantisation and XNNPACK's
+# quantised-GEMM passes, the slow part of an already slow export.
 EXPORT_QUANT = {"onnx": "int4", "executorch": "fp32"}
-BLOB_SUFFIX = {"onnx": ".onnx_adapter", "executorch": ".slots"}
 ANSWER_MARGIN = 4  # tokens past the reference's length: a longer answer cannot match, so stop there
 
 
@@ -73,14 +72,12 @@ class DemoConfig:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise OdloraError(f"--targets: choose from {', '.join(TARGETS)} (got {','.join(self.targets) or 'none'})")
-        from .exporters.export import target_module
-
         strangers = sorted(set(self.quant) - set(TARGETS))
         if strangers:
             raise OdloraError(f"--quant {strangers[0]}={self.quant[strangers[0]]}: {strangers[0]!r} is not a runtime "
                               f"(choose from {', '.join(TARGETS)})")
         for target in self.targets:
-            quants = target_module(target).QUANTS
+            quants = find_target(target).quants
             if self.quant.get(target) not in quants:
                 raise OdloraError(f"--quant {target}={self.quant.get(target)}: choose from {', '.join(quants)}")
         for task in self.tasks:
@@ -196,21 +193,10 @@ def heartbeat(say: Callable[[str], None], what: str, every: float = 60.0):
         thread.join()
 
 
-@contextlib.contextmanager
 def quiet_toolchain():
     """Hide the export toolchain's deprecation warnings and torchao's missing-GPU-kernel notices
     (what `odlora export` users see is no news to a demo's reader)."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
+    return quiet(("torchao", "torch.utils._pytree"))
 
 
 # -- the stages -------------------------------------------------------------------------------------
@@ -223,7 +209,7 @@ def personalize_stage(cfg: DemoConfig, task: str, say) -> dict:
     out = cfg.out / "adapters" / task
     training = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, eval_every=0, save_every=0)
     pcfg = PersonalizeConfig(base=cfg.base, base_quant=cfg.base_quant, threads=cfg.threads, training=training,
-                             lora=LoraConfig(rank=cfg.rank, targets=TARGET_PRESETS["all-linear"]))
+                             lora=LoraConfig(rank=cfg.rank))
     every = max(1, cfg.steps // 4)
 
     def progress(record: dict, total: int) -> None:
@@ -250,7 +236,7 @@ def export_stage(cfg: DemoConfig, target: str, say) -> dict:
         say("      ExecuTorch lowers every layer in single-threaded Python: the slowest stage (fp32, the fastest "
             "export, measured 7 s a layer on one core: about 4 minutes for the default base's 30)")
     with heartbeat(say, f"still exporting to {target}"), quiet_toolchain():
-        manifest = export(cfg.base, target, out, cfg.quant[target], cfg.max_rank, TARGET_PRESETS["all-linear"],
+        manifest = export(cfg.base, target, out, cfg.quant[target], cfg.max_rank, PROJECTIONS,
                           cfg.max_seq_len, force=True, say=lambda m: say(f"      {m}"))
     return {"dir": str(out), "manifest_sha256": sha256_file(out / "manifest.json"), "quant": manifest["quant"],
             "files": {name: entry["size"] for name, entry in manifest["files"].items()},
@@ -260,8 +246,6 @@ def export_stage(cfg: DemoConfig, target: str, say) -> dict:
 def export_valid(result: dict) -> bool:
     """The manifest is the one recorded and every file it lists has its size (the runtime checks
     the checksums when it opens the export)."""
-    from .exporters.export import read_manifest
-
     root = Path(result["dir"])
     if sha256_file(root / "manifest.json") != result["manifest_sha256"]:
         return False
@@ -275,7 +259,7 @@ def pack_stage(cfg: DemoConfig, target: str, adapters: dict, export: dict) -> di
 
     blobs = {}
     for task, adapter in adapters.items():
-        blob = cfg.out / "packed" / target / f"{task}{BLOB_SUFFIX[target]}"
+        blob = cfg.out / "packed" / target / f"{task}{find_target(target).blob_suffix}"
         info = pack(Path(adapter["dir"]), Path(export["dir"]), blob, force=True)  # the demo's own, redone
         blobs[task] = {"file": str(blob), "size": info["size"], "sha256": info["sha256"]}
     return blobs

@@ -15,14 +15,13 @@ and the laptop path's quality comes from AdamW. The factors the program returns 
 memory (`TrainingModule` does not clone them), so the optimiser updates them in place and the
 next call sees the new values; nothing is copied per step but the small gradients.
 
-Without `--program`, the program for (base, LoRA config, batch, seq_len) is exported once into
-`$ODLORA_HOME/train-programs/` and reused.
+Without `--program`, the CLI has the program for (base, LoRA config, batch, seq_len) exported once
+into `$ODLORA_HOME/train-programs/` and reused (`exporters.export.cached_training_program`, handed to
+`personalize` as its `program_exporter`: training code does not import the exporters).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -32,20 +31,17 @@ from torch import nn
 
 from .data import IGNORE, PackedData
 from .errors import OdloraError
-from .lora import LoraConfig
-from .registry import odlora_home
-
-TRAIN_TARGET = "executorch-train"
+from .formats.manifest import read_manifest
+from .formats.targets import TRAINING_TARGET
+from .lora import LoraConfig, factor_of
 
 
 # -- the program on disk ------------------------------------------------------------------------
 
 def read_program(program_dir: Path) -> dict:
     """The manifest of an `odlora export --target executorch --trainable` directory."""
-    from .exporters.export import read_manifest
-
     manifest = read_manifest(program_dir, verify=False)
-    if manifest["target"] != TRAIN_TARGET:
+    if manifest["target"] != TRAINING_TARGET:
         raise OdloraError(f"{program_dir}: a {manifest['target']} export, not an ExecuTorch training program "
                           f"(make one with `odlora export --target executorch --trainable`)")
     for name in manifest["files"]:
@@ -56,25 +52,6 @@ def read_program(program_dir: Path) -> dict:
 
 def program_lora(manifest: dict) -> LoraConfig:
     return LoraConfig(**manifest["executorch_train"]["lora"])
-
-
-def program_key(fingerprint: str, lora: LoraConfig, batch_size: int, seq_len: int, base_quant: str) -> str:
-    what = {"base": fingerprint, "lora": lora.to_dict(), "batch_size": batch_size, "seq_len": seq_len,
-            "base_quant": base_quant}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def cached_program(base, lora: LoraConfig, batch_size: int, seq_len: int, base_quant: str, say=print) -> Path:
-    """The training program for this base and shape under $ODLORA_HOME, exported on first use."""
-    from .exporters.export import export_trainable
-
-    path = odlora_home() / "train-programs" / program_key(base.fingerprint, lora, batch_size, seq_len, base_quant)
-    try:
-        read_program(path)
-        return path
-    except OdloraError:  # absent or incomplete: (re)export it, atomically
-        export_trainable(base, path, lora, batch_size, seq_len, force=True, say=say, base_quant=base_quant)
-    return path
 
 
 def check_program(manifest: dict, lora: LoraConfig, batch_size: int, seq_len: int, base_quant: str,
@@ -170,11 +147,9 @@ class ExecutorchEngine:
 
     def factors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Module name -> {"A": (r, in), "B": (out, r)}, copies in fp32."""
-        from .exporters.executorch_train import module_name
-
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name, p in self.params.items():
-            module, factor = module_name(name)
+            module, factor = factor_of(name)
             out.setdefault(module, {})[factor] = p.detach().float().clone()
         return out
 

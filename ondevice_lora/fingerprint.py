@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 
 from .errors import OdloraError
-from .schemas import FingerprintCacheEntry, read_json
+from .formats.schemas import FingerprintCacheEntry, read_json
 
 
 def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:

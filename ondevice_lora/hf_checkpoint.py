@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .errors import OdloraError
 from .outputs import MODEL, MODEL_MARKER, staged_output
-from .schemas import HFConfig, SafetensorsIndex, read_json, to_dict
+from .formats.schemas import HFConfig, SafetensorsIndex, read_json, to_dict
 
 
 def read_config(path: Path) -> dict:

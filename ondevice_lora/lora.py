@@ -23,6 +23,7 @@ from torch import nn
 
 from .bounds import ALPHA, DROPOUT, POSITIVE_INT, check_fields
 from .errors import OdloraError
+from .models.rewrite import replace_linears
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -61,6 +62,14 @@ class LoraConfig:
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def factor_of(parameter: str) -> tuple[str, str]:
+    """A LoRA parameter's module and factor:
+    `model.model.layers.0.self_attn.q_proj.lora_A.weight` -> (`model.layers.0.self_attn.q_proj`, `A`)."""
+    stem = parameter.removeprefix("model.").removesuffix(".weight")
+    module, _, factor = stem.rpartition(".lora_")
+    return module, factor
 
 
 def parse_targets(spec: str) -> tuple[str, ...]:
@@ -172,20 +181,11 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return model.get_submodule(parent_name), child
-
-
 def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     """Freeze `model` and wrap each target linear in a `LoRALinear`; returns the wrapped names."""
     model.requires_grad_(False)
-    names = match_targets(model, config.targets, config.layers)
-    for name in names:
-        parent, child = _parent(model, name)
-        base_layer = getattr(parent, child)
-        setattr(parent, child, LoRALinear(base_layer, config.rank, config.scaling, config.dropout))
-    return names
+    return replace_linears(model, match_targets(model, config.targets, config.layers),
+                           lambda _, linear: LoRALinear(linear, config.rank, config.scaling, config.dropout))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -194,7 +194,5 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def remove_lora(model: nn.Module) -> nn.Module:
     """Put the plain base layers back (the LoRA update is dropped, not merged)."""
-    for name in lora_layers(model):
-        parent, child = _parent(model, name)
-        setattr(parent, child, getattr(parent, child).base_layer)
+    replace_linears(model, lora_layers(model), lambda _, lora: lora.base_layer)
     return model

@@ -130,14 +130,20 @@ def check_out(cfg: PersonalizeConfig, data: Path, out: Path, replace: bool) -> P
 
 def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = False,
                 say: Callable[[str], None] = print, progress=None,
-                on_record: Optional[Callable[[dict], None]] = None, force: bool = False) -> dict:
+                on_record: Optional[Callable[[dict], None]] = None, force: bool = False,
+                program_exporter: Optional[Callable] = None) -> dict:
     """Train and save an adapter at `out`; returns the metrics written to its odlora.json.
 
     An adapter already at `out` is replaced only with `force` or `resume`. progress(record,
     total_steps) sees each step; on_record(record) sees each step and each validation as it
-    happens (the records train_log.jsonl keeps), e.g. to draw live loss curves.
+    happens (the records train_log.jsonl keeps), e.g. to draw live loss curves. With engine
+    "executorch" and no `cfg.program`, program_exporter(base, lora, batch_size, seq_len,
+    base_quant, say) -> Path supplies the training program.
     """
     cfg.validate()  # before the base is loaded: a bad flag costs nothing
+    if cfg.engine == "executorch" and cfg.program is None and program_exporter is None:
+        raise OdloraError("engine executorch needs a training program: pass program (an `odlora export --trainable` "
+                          "directory) or program_exporter (e.g. exporters.export.cached_training_program)")
     out = check_out(cfg, data, Path(out), replace=force or resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -151,7 +157,10 @@ def personalize(cfg: PersonalizeConfig, data: Path, out: Path, resume: bool = Fa
     train_data, val_data, stats = prepare_data(cfg, data, base.tokenizer)
     say(f"data: {stats['examples']} train / {stats['val_examples']} val examples, "
         f"{stats['loss_tokens']} loss tokens, {stats['packed_rows']} packed rows of {cfg.seq_len}")
-    engine, setup = (executorch_engine if cfg.engine == "executorch" else torch_engine)(cfg, base, lora, say)
+    if cfg.engine == "executorch":
+        engine, setup = executorch_engine(cfg, base, lora, say, program_exporter)
+    else:
+        engine, setup = torch_engine(cfg, base, lora, say)
     n_train = sum(p.numel() for p in engine.params.values())
     say(f"LoRA r={lora.rank} on {len(engine.factors())} linears ({n_train:,} trainable parameters), "
         f"base {setup['base_quant']} / {setup['dtype']}, engine {cfg.engine}")
@@ -240,14 +249,15 @@ def check_executorch_flags(cfg: PersonalizeConfig, lora: LoraConfig) -> None:
                       Path(cfg.program))
 
 
-def executorch_engine(cfg: PersonalizeConfig, base: Base, lora: LoraConfig, say):
-    """An ExecuTorch training program (`--program`, or exported once per base and shape) and its engine."""
-    from .device_train import ExecutorchEngine, cached_program, read_program
+def executorch_engine(cfg: PersonalizeConfig, base: Base, lora: LoraConfig, say, program_exporter):
+    """An ExecuTorch training program (`cfg.program`, or `program_exporter`'s for this base and shape)
+    and its engine."""
+    from .device_train import ExecutorchEngine, read_program
 
     if cfg.program is not None:
         program = Path(cfg.program)
     else:
-        program = cached_program(base, lora, cfg.training.batch_size, cfg.seq_len, cfg.base_quant, say)
+        program = program_exporter(base, lora, cfg.training.batch_size, cfg.seq_len, cfg.base_quant, say)
     manifest = read_program(program)
     if manifest["base_fingerprint"] != base.fingerprint:
         raise OdloraError(f"--program {program} was exported for another base")

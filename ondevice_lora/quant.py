@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import OdloraError
+from .models.rewrite import replace_linears
 
 BASE_QUANTS = ("none", "int8", "int4")
 INT4_GROUP = 32
@@ -121,8 +122,6 @@ def quantize_base(model: nn.Module, quant: str, dtype: torch.dtype = torch.bfloa
     model.to(dtype)
     if quant == "none":
         return model
-    for name, module in list(model.named_modules()):
-        if name.startswith("model.layers.") and type(module) is nn.Linear:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, QUANTISERS[quant](module, dtype))
+    linears = [name for name, module in model.named_modules() if name.startswith("model.layers.") and type(module) is nn.Linear]
+    replace_linears(model, linears, lambda _, linear: QUANTISERS[quant](linear, dtype))
     return model

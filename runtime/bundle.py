@@ -36,11 +36,10 @@ from .. import __version__
 from ..atomic import pair_sidecar
 from ..base import load_tokenizer
 from ..errors import OdloraError
-from ..exporters.export import MANIFEST, file_table, read_manifest
 from ..outputs import BUNDLE, check_output, staged_output
 from ..prompts import DEFAULT_PROMPT_FORMAT, has_chat_template, render_chat, stop_token_ids
-from ..registry import sha256_file
-from ..schemas import BundleManifest, read_json, to_dict
+from ..formats.manifest import MANIFEST, file_table, read_manifest, sha256_file
+from ..formats.schemas import BundleManifest, read_json, to_dict
 from .adapters import read_sidecar
 
 BUNDLE_MANIFEST = "bundle.json"

@@ -25,7 +25,7 @@ import torch
 
 from ..base import load_tokenizer
 from ..errors import OdloraError
-from ..exporters.export import read_manifest
+from ..formats.manifest import read_manifest
 from ..generate import SamplingConfig, TextStream, sample_next
 from ..prompts import encode_prompt, has_chat_template, render_chat, stop_token_ids
 from .adapters import (AdapterCache, RegisteredAdapter, blend_prompt_format, check_checksum, combine_slots, file_stamp,

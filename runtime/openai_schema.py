@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse
 
 from ..generate import SamplingConfig
-from ..schemas import field_path
+from ..formats.schemas import field_path
 
 MAX_SEED = 2**63 - 1  # what a torch.Generator takes (and a signed 64-bit seed field in any client)
 MAX_TOKENS = 2**31 - 1  # the generation also stops at the end of the export's KV cache

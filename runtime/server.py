@@ -15,7 +15,7 @@ Requests honour max_tokens, temperature, top_p, seed, stop, and stream (server-s
 OpenAI's chunk format); bodies are checked by `openai_schema.py`. A bad request gets a 4xx with
 OpenAI's error JSON naming the field, and fails alone.
 
-`odlora serve` also hands the server a `webapp.WebApp`: the demo page at `/` and its `/odlora/...`
+`odlora serve` also hands the server a `ondevice_lora.web.app.WebApp`: the demo page at `/` and its `/odlora/...`
 routes (personalisation jobs), answered by that module.
 
 The stack: Starlette routes, served by uvicorn (h11). Starlette rather than FastAPI because every
@@ -480,7 +480,7 @@ def build_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000, webapp=
                  settings: ServerSettings = ServerSettings(), access: Optional[Access] = None,
                  access_log: bool = False) -> OpenAIServer:
     """The server, listening but not serving yet: call `serve_forever()` (port 0 binds a free port;
-    see `.url`). `webapp` (a `webapp.WebApp`) adds the demo page and its personalisation jobs;
+    see `.url`). `webapp` (a `ondevice_lora.web.app.WebApp`) adds the demo page and its personalisation jobs;
     `access` who may call (default: loopback Host names, no API key; see `access.Access.build`);
     `access_log` logs each request on stderr (`odlora serve`)."""
     access = access or Access.build(host)

@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ondevice_lora import schemas
+from ondevice_lora.formats import schemas
 from ondevice_lora.adapter import load_adapter
 from ondevice_lora.errors import OdloraError
 from ondevice_lora.fingerprint import cached_fingerprint
 from ondevice_lora.prompts import PROMPT_FORMATS
-from ondevice_lora.schemas import read_json, to_dict
+from ondevice_lora.formats.schemas import read_json, to_dict
 from ondevice_lora.train import save_checkpoint
 from conftest import run_cli
 from test_runtime import make_adapter

@@ -29,8 +29,11 @@ from ondevice_lora.adapter import Adapter, attach_adapter, save_adapter  # noqa:
 from ondevice_lora.base import load_base  # noqa: E402
 from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.exporters import coreml  # noqa: E402
-from ondevice_lora.exporters.export import export, pack, read_manifest  # noqa: E402
-from ondevice_lora.exporters.slots import SlotSpec, slot_tensors  # noqa: E402
+from ondevice_lora.exporters.export import export, pack  # noqa: E402
+from ondevice_lora.formats.blobs import COREML_SLOTS_FORMAT  # noqa: E402
+from ondevice_lora.formats.manifest import read_manifest  # noqa: E402
+from ondevice_lora.models.slots import slot_tensors, spec_for_model, zero_slots  # noqa: E402
+from ondevice_lora.runtime import coreml as coreml_runtime  # noqa: E402
 from ondevice_lora.lora import LoraConfig  # noqa: E402
 
 MAX_RANK = 8
@@ -80,7 +83,7 @@ def base(base_dir):
 
 @pytest.fixture(scope="module")
 def spec(base):
-    return SlotSpec.for_model(base.model, max_rank=MAX_RANK)
+    return spec_for_model(base.model, max_rank=MAX_RANK)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +205,7 @@ def reference(base, spec, with_adapter: bool):
     """(slot tensors, eager logits (T, vocab)): the base, or the base + attach_adapter of a rank-4
     adapter (below R, on one layer only) laid into the slots."""
     model = copy.deepcopy(base.model)
-    slots = spec.zeros()
+    slots = zero_slots(spec)
     if with_adapter:
         adapter = random_adapter(base.model, rank=4, seed=1, layers=(1,))
         slots = slot_tensors(adapter, spec)
@@ -274,9 +277,9 @@ def test_qwen3_converts_and_reads_like_eager(tiny_model_factory):
     """The family furthest from Llama (per-head q/k RMSNorm, head_dim apart from hidden/heads), fp16.
     Every TINY_VARIANT converts likewise (checked by hand: about 15 s each, too slow for all here)."""
     qwen3 = load_base(str(tiny_model_factory("qwen3")))
-    spec = SlotSpec.for_model(qwen3.model, max_rank=4)
+    spec = spec_for_model(qwen3.model, max_rank=4)
     mlmodel = coreml.convert(coreml.trace(coreml.prepare(qwen3.model, spec, MAX_SEQ_LEN), spec), spec)
-    got, _ = mil_decode(mlmodel, spec.zeros())
+    got, _ = mil_decode(mlmodel, zero_slots(spec))
     with torch.no_grad():
         expected = qwen3.model(torch.tensor([TOKENS]))[0].numpy()
     assert np.abs(got - expected).max() <= 5e-2
@@ -294,12 +297,12 @@ def test_packing_adapters_never_touches_the_package(exported, base, spec, tmp_pa
         save_adapter(adapter, tmp_path / f"adapter{seed}", "tiny")
         info = pack(tmp_path / f"adapter{seed}", out, tmp_path / f"a{seed}.safetensors")
         assert info["target"] == "coreml" and info["fingerprint_verified"]
-        feed = coreml.read_slots(tmp_path / f"a{seed}.safetensors")
+        feed = coreml_runtime.read_slots(tmp_path / f"a{seed}.safetensors", manifest)
         expected = slot_tensors(adapter, spec)
         assert set(feed) == set(spec.layout())  # safetensors stores names sorted; the layout keeps the order
         for name, tensor in expected.items():
-            assert feed[name].dtype == np.float16 and list(feed[name].shape) == spec.layout()[name]
-            np.testing.assert_array_equal(feed[name], tensor.half().numpy())
+            assert feed[name].dtype == torch.float16 and list(feed[name].shape) == spec.layout()[name]
+            assert torch.equal(feed[name], tensor.half())
         blobs.append((tmp_path / f"a{seed}.safetensors").read_bytes())
     assert blobs[0] != blobs[1]
     assert hashlib.sha256(weight_bin(package)).hexdigest() == before
@@ -309,13 +312,13 @@ def test_packing_adapters_never_touches_the_package(exported, base, spec, tmp_pa
 
     with safe_open(str(tmp_path / "a1.safetensors"), "np") as f:
         meta = f.metadata()
-    assert meta["format"] == coreml.SLOTS_FORMAT and meta["dtype"] == "float16"
+    assert meta["format"] == COREML_SLOTS_FORMAT and meta["dtype"] == "float16"
     assert json.loads(meta["layout"]) == spec.layout() and meta["base_fingerprint"] == manifest["base_fingerprint"]
 
 
 def test_pack_slots_checks_shapes(exported, spec, tmp_path):
     _, manifest, _ = exported
-    slots = spec.zeros()
+    slots = zero_slots(spec)
     slots["lora_A_qkv"] = torch.zeros(1, 2, 3)
     with pytest.raises(OdloraError, match="lora_A_qkv has shape"):
         coreml.pack_slots(slots, manifest, tmp_path / "bad.safetensors")
@@ -323,7 +326,7 @@ def test_pack_slots_checks_shapes(exported, spec, tmp_path):
         from safetensors.torch import save_file
 
         save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-        coreml.read_slots(tmp_path / "other.safetensors")
+        coreml_runtime.read_slots(tmp_path / "other.safetensors", manifest)
 
 
 def test_unknown_quant_is_refused(base, spec, tmp_path):

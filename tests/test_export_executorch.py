@@ -22,7 +22,8 @@ pytest.importorskip("executorch")
 from ondevice_lora.adapter import adapter_from_model, attach_adapter, load_adapter, save_adapter  # noqa: E402
 from ondevice_lora.base import load_base  # noqa: E402
 from ondevice_lora.errors import OdloraError  # noqa: E402
-from ondevice_lora.exporters.executorch import ExecutorchSession  # noqa: E402
+from ondevice_lora.runtime.executorch import ExecutorchSession  # noqa: E402
+from sessions import executorch_greedy, executorch_perplexity  # noqa: E402
 from ondevice_lora.exporters.export import export, pack  # noqa: E402
 from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers  # noqa: E402
 from conftest import DEFAULT_EXPORT_QUESTION as QUESTION, DEFAULT_EXPORT_SEQ  # noqa: E402
@@ -145,7 +146,7 @@ def test_greedy_matches_pytorch(exported, session):
     model = reference(base_dir, packed["A"][0])
     model.drop_cache()
     want = list(generate_tokens(model, prompt, SamplingConfig(max_new_tokens=8), stop_ids=set()))
-    assert session.greedy(prompt, 8, session.load_adapter(packed["A"][1])) == want
+    assert executorch_greedy(session, prompt, 8, session.load_adapter(packed["A"][1])) == want
 
 
 def test_perplexity_matches_pytorch(exported, session):
@@ -157,13 +158,14 @@ def test_perplexity_matches_pytorch(exported, session):
         for start in range(0, 99, MAX_SEQ):
             window = torch.tensor(ids[start:start + MAX_SEQ + 1])
             total += torch.nn.functional.cross_entropy(model(window[None, :-1])[0], window[1:], reduction="sum").item()
-    assert session.perplexity(ids) == pytest.approx(math.exp(total / 99), rel=1e-4)
+    assert executorch_perplexity(session, ids) == pytest.approx(math.exp(total / 99), rel=1e-4)
 
 
 def test_packed_blob_is_the_slot_tensors_at_the_adapters_rank(exported, session):
     from safetensors import safe_open
 
-    from ondevice_lora.exporters.slots import SlotSpec, slot_tensors
+    from ondevice_lora.formats.slots import SlotSpec
+    from ondevice_lora.models.slots import slot_tensors
 
     _, _, manifest, packed = exported
     spec = SlotSpec.from_dict(manifest["slots"])
@@ -196,7 +198,8 @@ def test_quantised_exports_match_torchao(exported, tmp_path, quant):
     """The program computes torchao's quantised model (XNNPACK's kernels round a little differently),
     the fp32 export's packed adapter fits it, and the files are smaller."""
     from ondevice_lora.exporters.executorch import prepare, quantize_base
-    from ondevice_lora.exporters.slots import SlotSpec, SlottedModel
+    from ondevice_lora.formats.slots import SlotSpec
+    from ondevice_lora.models.slots import SlottedModel
 
     base_dir, out, manifest, packed = exported
     export(str(base_dir), "executorch", tmp_path / quant, quant=quant, max_rank=8, max_seq_len=MAX_SEQ, say=quiet)
@@ -290,7 +293,7 @@ def test_default_base_export(default_base, default_adapter, default_export, tmp_
     got = session.forward(prompt, 0, session.load_adapter(tmp_path / "r8.slots"))
     assert (got - want).abs().max().item() <= TOL
     stops = tuple(stop_token_ids(tokenizer, default_base.config))
-    assert "Paris" in tokenizer.decode(session.greedy(prompt, 24, stop_ids=stops))
+    assert "Paris" in tokenizer.decode(executorch_greedy(session, prompt, 24, stop_ids=stops))
 
 
 @pytest.mark.slow
@@ -313,10 +316,10 @@ def test_default_base_8da4w_keeps_the_answer(default_base, default_export, tmp_p
     size = {quant: (s.dir / "model.pte").stat().st_size + (s.dir / "model.ptd").stat().st_size
             for quant, s in sessions.items()}
     ids = tokenizer.encode(general_text_path().read_text(), add_special_tokens=False)
-    ppl32, ppl = sessions["fp32"].perplexity(ids), sessions["8da4w"].perplexity(ids)
+    ppl32, ppl = executorch_perplexity(sessions["fp32"], ids), executorch_perplexity(sessions["8da4w"], ids)
     print(f"8da4w: perplexity {ppl:.3f} (fp32 {ppl32:.3f}), {size['8da4w'] / 1e6:.1f} MB (fp32 {size['fp32'] / 1e6:.1f} MB)")
     assert size["8da4w"] <= 0.3 * size["fp32"]
     assert ppl <= 1.05 * ppl32, (ppl32, ppl)
     stops = tuple(stop_token_ids(tokenizer, default_base.config))
-    answer = sessions["8da4w"].greedy(encode_prompt(tokenizer, QUESTION), 24, stop_ids=stops)
+    answer = executorch_greedy(sessions["8da4w"], encode_prompt(tokenizer, QUESTION), 24, stop_ids=stops)
     assert "Paris" in tokenizer.decode(answer)

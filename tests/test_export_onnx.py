@@ -23,7 +23,9 @@ from ondevice_lora.adapter import adapter_from_model, attach_adapter, save_adapt
 from ondevice_lora.base import load_base  # noqa: E402
 from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.exporters.export import export, pack  # noqa: E402
-from ondevice_lora.exporters.onnx import OnnxSession, replace_kv_cache_with_io  # noqa: E402
+from ondevice_lora.exporters.onnx import replace_kv_cache_with_io  # noqa: E402
+from ondevice_lora.runtime.onnx import OnnxSession  # noqa: E402
+from sessions import onnx_greedy  # noqa: E402
 from ondevice_lora.exporters.onnx_quant import BLOCK_SIZES  # noqa: E402
 from ondevice_lora.lora import LoraConfig, apply_lora  # noqa: E402
 from conftest import DEFAULT_EXPORT_QUESTION as QUESTION, DEFAULT_EXPORT_SEQ  # noqa: E402
@@ -156,9 +158,9 @@ def test_greedy_matches_pytorch(exports, adapters):
             logits = model(torch.tensor([ids[pos:]]), input_pos=torch.arange(pos, len(ids)))
             pos = len(ids)
             ids.append(int(logits[0, -1].argmax()))
-    assert session.greedy(PROMPT, 8) == ids[len(PROMPT):]
+    assert onnx_greedy(session, PROMPT, 8) == ids[len(PROMPT):]
     with pytest.raises(OdloraError, match="max-seq-len"):
-        session.greedy(PROMPT, MAX_SEQ)
+        onnx_greedy(session, PROMPT, MAX_SEQ)
 
 
 # -- quantised exports --------------------------------------------------------------------------
@@ -378,7 +380,7 @@ def test_default_base(default_base, default_reference, default_adapter, default_
             want = with_adapter(torch.tensor([ref["prompt"]])).numpy()
         assert np.abs(want - ref["logits"]).max() > 0.1  # the adapter changes the logits
         assert float(np.abs(got - want).max()) <= 1e-3
-    answer = default_base.tokenizer.decode(session.greedy(ref["prompt"], 12))
+    answer = default_base.tokenizer.decode(onnx_greedy(session, ref["prompt"], 12))
     total = 0.0
     for chunk in ref["chunks"]:
         total += nll(session.forward([chunk], range(len(chunk)), session.new_cache())[0], chunk)

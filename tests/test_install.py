@@ -76,7 +76,7 @@ def test_sample_data_is_installed(venv):
 
 def test_web_page_is_installed(venv):
     """`odlora serve` finds the demo page's files (apps/web) in the installed package."""
-    code = ("from ondevice_lora.runtime.webapp import static_file; "
+    code = ("from ondevice_lora.web.app import static_file; "
             "print([len(static_file(r)[0]) for r in ('', '/app/app.js', '/app/style.css', '/app/favicon.svg')])")
     sizes = json.loads(run([venv / "bin/python", "-c", code], cwd=venv).stdout)
     assert all(size > 0 for size in sizes), sizes

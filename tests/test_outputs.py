@@ -17,13 +17,13 @@ import pytest
 from ondevice_lora.adapter import load_adapter
 from ondevice_lora.base import load_base
 from ondevice_lora.errors import OdloraError
-from ondevice_lora.exporters.export import read_manifest
+from ondevice_lora.formats.manifest import read_manifest
 from ondevice_lora.merge import merge_to_dir
 from ondevice_lora.outputs import ADAPTER, BUNDLE, EXPORT, MODEL, PACKED, check_output
 from ondevice_lora.runtime import Runtime
 from ondevice_lora.runtime.bundle import open_bundle
 from ondevice_lora.runtime.server import APIError
-from ondevice_lora.runtime.webapp import JobSpec, WebApp
+from ondevice_lora.web.app import JobSpec, WebApp
 from test_crash_safety import made, side_files, tree  # noqa: F401  (made: the session's outputs)
 from conftest import run_cli
 

@@ -27,7 +27,7 @@ from ondevice_lora.generate import SamplingConfig, generate_text  # noqa: E402
 from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers  # noqa: E402
 from ondevice_lora.prompts import encode_prompt, stop_token_ids  # noqa: E402
 from ondevice_lora.runtime import Runtime  # noqa: E402
-from ondevice_lora.runtime.adapters import combine_slots, used_rank  # noqa: E402
+from ondevice_lora.runtime.adapters import combine_slots  # noqa: E402
 from conftest import run_cli  # noqa: E402
 
 MAX_SEQ = 64
@@ -192,7 +192,8 @@ def test_lru_evicts_under_a_budget_and_reloads(built):
 def test_combine_slots_stacks_ranks(built, onnx_rt):
     spec = onnx_rt.backend.spec
     a, b = (onnx_rt.backend.read_slots(built["blobs"][n]) for n in "ab")
-    assert used_rank(a["lora_B_qkv"]) == 4 and used_rank(b["lora_B_qkv"]) == 2 and used_rank(b["lora_B_o"]) == 0
+    spec = onnx_rt.backend.spec
+    assert spec.used_rank(a, ["qkv"]) == 4 and spec.used_rank(b, ["qkv"]) == 2 and spec.used_rank(b, ["o"]) == 0
     both = combine_slots([("a", a, 1.0), ("b", b, 0.5)], spec)
     x = torch.randn(3, spec.features["q_proj"][0])
     R, q_out = spec.max_rank, spec.features["q_proj"][1]
@@ -247,7 +248,7 @@ def corrupt_copy(built, tmp_path, fix_sidecar: bool):
     blob.write_bytes(data)
     info = json.loads(built["blobs"]["a"].with_name("a.onnx_adapter.json").read_text())
     if fix_sidecar:  # a checksum that matches a truncated file: the backend's reader must refuse it
-        from ondevice_lora.registry import sha256_file
+        from ondevice_lora.formats.manifest import sha256_file
 
         info.update(sha256=sha256_file(blob), size=blob.stat().st_size)
     blob.with_name(blob.name + ".json").write_text(json.dumps(info))

@@ -24,7 +24,7 @@ pytest.importorskip("onnxscript")
 
 from ondevice_lora.runtime.access import SESSION_COOKIE, Access  # noqa: E402
 from ondevice_lora.runtime.server import ServerSettings, build_server  # noqa: E402
-from ondevice_lora.runtime.webapp import WebApp  # noqa: E402
+from ondevice_lora.web.app import WebApp  # noqa: E402
 from test_serve import MESSAGES, chat_body, expected, rt, tiny_export  # noqa: E402,F401 (rt, tiny_export: fixtures)
 
 ABUSE = ServerSettings(head_timeout=0.5, body_timeout=0.5, keep_alive_timeout=0.5)

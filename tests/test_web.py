@@ -31,7 +31,7 @@ from conftest import training_text  # noqa: E402
 from ondevice_lora.generate import SamplingConfig  # noqa: E402
 from ondevice_lora.runtime.access import Access  # noqa: E402
 from ondevice_lora.runtime.server import build_server  # noqa: E402
-from ondevice_lora.runtime.webapp import WebApp  # noqa: E402
+from ondevice_lora.web.app import WebApp  # noqa: E402
 from test_serve import MESSAGES, open_runtime, tiny_export  # noqa: E402,F401 (tiny_export is a fixture)
 
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output" / "web"
@@ -108,7 +108,7 @@ def test_page_files_are_served_and_nothing_else(served):
     assert "default-src 'self'" in headers["Content-Security-Policy"]  # the page may fetch nothing from elsewhere
     assert request(root + "/app/app.js")[1]["Content-Type"].startswith("text/javascript")
     assert request(root + "/app/style.css")[1]["Content-Type"].startswith("text/css")
-    for path in ("/app/__init__.py", "/app/../webapp.py", "/app/%2e%2e/webapp.py", "/app/nope.js", "/index.html"):
+    for path in ("/app/__init__.py", "/app/../app.py", "/app/%2e%2e/app.py", "/app/app.py", "/app/nope.js", "/index.html"):
         assert request(root + path)[0] == 404, path
 
 

@@ -1,1 +1,2 @@
-"""The web demo's page (plain HTML, JS and CSS, no build step), served by `odlora serve`; see runtime/webapp.py."""
+"""The web demo: its page (plain HTML, JS and CSS, no build step) and `app.py`, the routes and
+personalisation jobs that `odlora serve` adds to the OpenAI API (see app.py)."""

@@ -42,16 +42,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..demo import BLOB_SUFFIX, task_answers
+from ..demo import task_answers
 from ..errors import OdloraError
 from ..exporters.export import pack
+from ..formats.targets import target
 from ..lora import LoraConfig
 from ..personalize import PersonalizeConfig, personalize
 from ..samples import SAMPLE_TASKS, exact_match, load_examples, sample_path
 from ..train import TrainConfig
-from .engine import Runtime
-from .openai_schema import APIError, Schema, parse_body
-from .server import FiniteJSONResponse, read_body
+from ..runtime.engine import Runtime
+from ..runtime.openai_schema import APIError, Schema, parse_body
+from ..runtime.server import FiniteJSONResponse, read_body
 
 WEB_PACKAGE = "ondevice_lora.web"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -322,7 +323,7 @@ class WebApp:
     def job_outputs(self, name: str) -> tuple[Path, Path]:
         """(adapter directory, packed blob) that a job named `name` writes under the work directory;
         a job never replaces them (personalize and pack refuse an existing output without force)."""
-        suffix = BLOB_SUFFIX.get(self.rt.manifest["target"], ".adapter")
+        suffix = target(self.rt.manifest["target"]).blob_suffix
         return self.work_dir / "adapters" / name, self.work_dir / "packed" / f"{name}{suffix}"
 
     def run(self, job: Job) -> None:

@@ -26,8 +26,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, RootModel, V
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from .errors import OdloraError
-from .user_files import read_regular_file
+from ..errors import OdloraError
+from ..user_files import read_regular_file
 
 MAX_JSON_BYTES = 64 * 2**20  # far above any file odlora writes; a larger one is not ours
 MAX_RANK = 65536
@@ -196,7 +196,7 @@ class FileEntry(Schema):
 
 
 class SlotLayout(Schema):
-    """An export's adapter slots (`exporters/slots.py` SlotSpec.to_dict); `SlotSpec.from_dict`
+    """An export's adapter slots (`formats/slots.py` SlotSpec.to_dict); `SlotSpec.from_dict`
     checks that targets, features and layout agree."""
 
     targets: Annotated[list[str], Field(min_length=1)]

@@ -1,0 +1,17 @@
+"""What each target's packed adapter blob carries to say what it is (written by `exporters/<target>.py`'s
+`pack_slots`, checked by `runtime/<target>.py`'s `read_slots`; `docs/formats.md` has the details)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+EXECUTORCH_SLOTS_FORMAT = "odlora-executorch-slots"  # safetensors metadata "format" of a .slots blob
+COREML_SLOTS_FORMAT = "odlora-coreml-slots"  # the same for a Core ML blob
+ONNX_ADAPTER_VERSION = 1  # of our .onnx_adapter content (names and layout of the slot tensors)
+
+
+def onnx_model_version(fingerprint: Optional[str]) -> int:
+    """The `.onnx_adapter` model version: 28 bits of the base fingerprint (0 when unknown)."""
+    if not fingerprint:
+        return 0
+    return int(fingerprint.removeprefix("sha256:")[:7], 16)
