@@ -36,7 +36,7 @@ from ..registry import odlora_home
 
 def exporter(target: str):
     """The exporter module of `target` (`exporters/<target>.py`)."""
-    return importlib.import_module(f"{__package__}.{find_target(target).name}")
+    return importlib.import_module(find_target(target).exporter)
 
 
 def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str] = None,

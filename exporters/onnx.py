@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import OdloraError
-from ..formats.blobs import ONNX_ADAPTER_VERSION, onnx_model_version
+from ..formats.blobs import ONNX_ADAPTER_VERSION, onnx_model_version, onnx_slot_shapes
 from ..formats.slots import SlotSpec
 from ..models.llama import Attention, apply_rope
 from ..models.slots import SlottedModel, zero_slots
@@ -273,8 +273,7 @@ def pack_slots(slots: dict[str, torch.Tensor], manifest: dict, out_file: Path) -
     import onnxruntime as ort
 
     slots = per_layer_slots(slots, SlotSpec.from_dict(manifest["slots"]))
-    info = manifest["onnx"]
-    expected = {i["name"]: i["shape"] for i in info["inputs"] if i["name"] in info["slot_inputs"]}
+    expected = onnx_slot_shapes(manifest)
     if set(slots) != set(expected):
         raise OdloraError(f"slot tensors {sorted(slots)} do not match the export's slot inputs {sorted(expected)}")
     params = {}

@@ -55,9 +55,10 @@ def read_slot_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
     """A packed blob of `manifest`'s target as fp32 slot tensors in `SlotSpec.layout()` order,
     checked against the export (its target's `read_slots` checks the base)."""
     path, layout = Path(path), SlotSpec.from_dict(manifest["slots"]).layout()
-    name = target(manifest["target"]).name
+    entry = target(manifest["target"])
+    name = entry.name
     try:
-        tensors = importlib.import_module(f"{__package__}.{name}").read_slots(path, manifest)
+        tensors = importlib.import_module(entry.runtime).read_slots(path, manifest)
     except OdloraError:
         raise
     except Exception as e:  # the readers raise their own types for a damaged file
@@ -167,7 +168,7 @@ def open_backend(export_dir: Path, manifest: dict, backend: Optional[str] = None
     if importlib.util.find_spec(spec.requires) is None:
         raise OdloraError(f"running a {name} export needs the `{spec.requires}` package: "
                           f"pip install 'ondevice-lora[export]'")
-    backend_class = importlib.import_module(f"{__package__}.{name}").BACKEND
+    backend_class = importlib.import_module(spec.runtime).BACKEND
     if backend_class is None:
         raise OdloraError(f"the {name} runtime backend is not implemented yet; use backend='torch' for the reference")
     return backend_class(export_dir, manifest, threads)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import OdloraError
-from ..formats.blobs import onnx_model_version
+from ..formats.blobs import onnx_model_version, onnx_slot_shapes
 from ..formats.manifest import read_manifest
 from ..formats.slots import SlotSpec
 from .backends import Backend, Loaded, tensors_nbytes
@@ -39,7 +39,7 @@ class OnnxSession:
             raise OdloraError(f"{export_dir}: a {self.manifest['target']} export, not an onnx one")
         info = self.manifest["onnx"]
         self.cache_layout = info["cache_layout"]
-        self.slot_shapes = {i["name"]: i["shape"] for i in info["inputs"] if i["name"] in info["slot_inputs"]}
+        self.slot_shapes = onnx_slot_shapes(self.manifest)
         self.model_version = onnx_model_version(self.manifest["base_fingerprint"])
         options = ort.SessionOptions()
         options.log_severity_level = 3  # ORT warns once per overridable initializer: by design here
@@ -121,15 +121,9 @@ def read_slots(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
         raise OdloraError(f"{path}: packed for another base (ONNX adapter model version "
                           f"{fmt.get_model_version()}); pack the adapter against this export")
     params = {name: torch.from_numpy(np.array(v.numpy(), copy=True)) for name, v in fmt.get_parameters().items()}
-    if {n: list(t.shape) for n, t in params.items()} != slot_shapes(manifest):
+    if {n: list(t.shape) for n, t in params.items()} != onnx_slot_shapes(manifest):
         raise OdloraError(f"{path}: its tensors do not match this export's slots: packed for another export")
     return stack_layers(params, SlotSpec.from_dict(manifest["slots"]).layout())
-
-
-def slot_shapes(manifest: dict) -> dict[str, list]:
-    """The ONNX graph's slot inputs by name: per layer (`lora_A_qkv.0`, ...) or stacked (`lora_A_qkv`)."""
-    info = manifest["onnx"]
-    return {i["name"]: i["shape"] for i in info["inputs"] if i["name"] in info["slot_inputs"]}
 
 
 def stack_layers(tensors: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
