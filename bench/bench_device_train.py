@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import packed_rows, run_children, run_odlora, time_steps  # noqa: E402
+from bench_train import packed_rows, run_children, run_odlora, time_engine_steps  # noqa: E402
 
 
 def run_executorch(args, program: str):
@@ -38,15 +38,7 @@ def run_executorch(args, program: str):
         sys.exit(f"{program} is {fields['batch_size']} x {fields['seq_len']}, not {args.batch_size} x {args.seq_len}")
     data = packed_rows(load_tokenizer(Path(program) / "tokenizer"), args.seq_len)
     engine = ExecutorchEngine(Path(program), manifest, threads=args.threads)
-    optimizer = torch.optim.AdamW(engine.params.values(), lr=1e-4)
-
-    def step(rows):
-        engine.loss_and_grads({"input_ids": data.input_ids[rows], "targets": data.targets[rows],
-                               "segment_ids": data.segment_ids[rows]}, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return time_steps(args, step)
+    return time_engine_steps(args, engine, data)
 
 
 def child(args):

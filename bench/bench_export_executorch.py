@@ -27,7 +27,8 @@ from ondevice_lora import samples
 from ondevice_lora.base import load_base
 from ondevice_lora.exporters.executorch import DATA, PROGRAM, export_program
 from ondevice_lora.exporters.export import export, pack
-from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers
+from ondevice_lora.config import LoraConfig
+from ondevice_lora.lora import apply_lora, lora_layers
 from ondevice_lora.models.slots import per_layer
 from ondevice_lora.registry import DEFAULT_BASE
 from ondevice_lora.runtime.executorch import ExecutorchSession

@@ -33,7 +33,8 @@ import torch
 def make_adapter(base, out: Path, rank: int) -> Path:
     from ondevice_lora.adapter import adapter_from_model, save_adapter
     from ondevice_lora.base import load_base
-    from ondevice_lora.lora import LoraConfig, apply_lora
+    from ondevice_lora.config import LoraConfig
+    from ondevice_lora.lora import apply_lora
 
     if out.exists():
         return out

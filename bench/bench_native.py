@@ -54,7 +54,7 @@ def native_run(binary: Path, bundle: Path, requests: list[dict], work: Path) -> 
 
 
 def python_run(bundle: Path, requests: list[dict], tokens: int) -> tuple[list[dict], float]:
-    from ondevice_lora.generate import SamplingConfig
+    from ondevice_lora.config import SamplingConfig
     from ondevice_lora.runtime import Runtime
 
     started = time.perf_counter()

@@ -11,7 +11,7 @@ backend one `export()` of the base (slots r <= --max-rank on all seven linears),
 rank --adapter-rank all-linear adapters (PEFT init for A, B ~ N(0, 0.01), alpha 2r; or --adapter
 DIR, a trained one, for the swap and speed parts) and their packed blobs.
 
-1. Swap. A request's path before its first forward is `Runtime._resolve` (the adapter from the
+1. Swap. A request's path before its first forward is `Runtime.resolve_adapter` (the adapter from the
    LRU cache, or loaded from disk) then `backend.sequence(loaded)` (its per-request state: the
    ONNX KV-cache buffers and RunOptions with the adapter active; nothing for ExecuTorch). Timed
    per request, --swaps requests per mode:
@@ -65,7 +65,8 @@ MODES = ("base", "same", "warm", "cold", "cold-disk")
 def make_adapters(base, root: Path, rank: int, n: int) -> list[Path]:
     """`n` distinct random rank-`rank` all-linear adapters for `base` (made once, kept in `root`)."""
     from ondevice_lora.adapter import adapter_from_model, save_adapter
-    from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers, remove_lora
+    from ondevice_lora.config import LoraConfig
+    from ondevice_lora.lora import apply_lora, lora_layers, remove_lora
 
     dirs = [root / f"adapter-r{rank}-{i:02d}" for i in range(n)]
     missing = [(i, d) for i, d in enumerate(dirs) if not (d / "adapter_config.json").exists()]
@@ -145,7 +146,7 @@ def time_swaps(rt, mode: str, ids: list[str], blobs: dict[str, Path], n: int, to
 def one_request(rt, name, token: int) -> tuple[float, float, float]:
     """What `Runtime.generate` does before and at its first forward, timed (nothing outlives the call)."""
     started = time.perf_counter()
-    loaded, _ = rt._resolve(name, 1.0)
+    loaded, _ = rt.resolve_adapter(name)
     resolved = time.perf_counter()
     with rt.backend.sequence(loaded) as seq:
         entered = time.perf_counter()
@@ -185,7 +186,7 @@ def run_sequence(rt, loaded, prompt: list[int], tokens: int) -> tuple[float, flo
 
 def measure_speed(rt, adapter_id: str, prompt: list[int], tokens: int, rounds: int) -> dict:
     """{"none"|"adapter": (prefill tokens/s, decode tokens/s)}, best of interleaved rounds."""
-    runs = {"none": None, "adapter": rt._resolve(adapter_id, 1.0)[0]}
+    runs = {"none": None, "adapter": rt.resolve_adapter(adapter_id)[0]}
     for loaded in runs.values():  # warm-up: first runs allocate
         run_sequence(rt, loaded, prompt, tokens)
     best = {name: [math.inf, math.inf] for name in runs}
@@ -199,7 +200,7 @@ def measure_speed(rt, adapter_id: str, prompt: list[int], tokens: int, rounds: i
 # -- 3. memory, in a fresh process --------------------------------------------------------------------
 
 def rss_child(spec: dict) -> None:
-    from ondevice_lora.generate import SamplingConfig
+    from ondevice_lora.config import SamplingConfig
     from ondevice_lora.runtime import Runtime
 
     target = json.loads((Path(spec["export"]) / "manifest.json").read_text())["target"]

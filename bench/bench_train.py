@@ -36,30 +36,33 @@ def packed_rows(tokenizer, seq_len):
     return pack(examples, seq_len, tokenizer.eos_token_id)
 
 
+def time_engine_steps(args, engine, data) -> dict:
+    """Time AdamW steps of a training engine (train.TorchEngine or device_train.ExecutorchEngine) on `data`."""
+    optimizer = torch.optim.AdamW(engine.params.values(), lr=1e-4)
+
+    def step(rows):
+        engine.loss_and_grads({"input_ids": data.input_ids[rows], "targets": data.targets[rows],
+                               "segment_ids": data.segment_ids[rows]}, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_steps(args, step)
+
+
 def run_odlora(args, base_quant, dtype, *options):
     from ondevice_lora.base import load_base
-    from ondevice_lora.evaluate import token_loss
-    from ondevice_lora.lora import LoraConfig, apply_lora
+    from ondevice_lora.config import LoraConfig
+    from ondevice_lora.lora import apply_lora
     from ondevice_lora.personalize import DTYPES
     from ondevice_lora.quant import quantize_base
-    from ondevice_lora.train import enable_compile
+    from ondevice_lora.train import TorchEngine
 
     base = load_base()
     data = packed_rows(base.tokenizer, args.seq_len)
     model = quantize_base(base.model, base_quant, DTYPES[dtype])
     apply_lora(model, LoraConfig(rank=8, alpha=16))
-    model.train()
-    if "compile" in options:
-        enable_compile(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step(rows):
-        loss, _ = token_loss(model, data.input_ids[rows], data.targets[rows], data.segment_ids[rows])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return time_steps(args, step)
+    engine = TorchEngine(model, compile="compile" in options)  # personalize's engine, training ops and all
+    return time_engine_steps(args, engine, data)
 
 
 def run_peft(args):

@@ -57,6 +57,7 @@ from ..formats.slots import SlotSpec
 from ..models.slots import SlottedModel, zero_slots
 
 QUANTS = ("fp16", "int8", "int4")
+FAMILIES = ("llama",)  # the model families (`models.family_of`) it knows the structure of
 PACKAGE = "model.mlpackage"
 INT4_BLOCK_SIZE = 32  # input channels per int4 scale; 576 and 1536 (the default base) divide by it
 DTYPES = {"FLOAT16": "float16", "FLOAT32": "float32", "INT32": "int32"}
@@ -227,7 +228,7 @@ def quant_config(mlmodel, quant: str):
 
 def check_quant(quant: str) -> None:
     if quant not in QUANTS:
-        raise OdloraError(f"--quant {quant!r} is not supported for coreml (choose from {', '.join(QUANTS)})")
+        raise OdloraError(f"{quant!r} is not supported for coreml (choose from {', '.join(QUANTS)})", param="quant")
 
 
 def quantize(mlmodel, quant: str):

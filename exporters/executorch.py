@@ -51,6 +51,7 @@ from ..models.rewrite import replace_linears
 from ..models.slots import SlottedModel, per_layer, zero_slots
 
 QUANTS = ("fp32", "8da4w", "8da8w")
+FAMILIES = ("llama",)  # the model families (`models.family_of`) it knows the structure of
 PROGRAM, DATA = "model.pte", "model.ptd"
 PREFILL_CHUNK = 32  # tokens per prefill call; see the module docstring
 GROUP_SIZE = 32  # int4 weight group

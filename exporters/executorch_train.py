@@ -41,12 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OdloraError
-from ..lora import LoraConfig, apply_lora
+from ..config import LoraConfig
+from ..lora import apply_lora
 from ..models.rewrite import replace_linears
 from ..quant import Int8Linear, quantize_base
 
 PROGRAM, DATA = "train.pte", "train.ptd"
 BASE_QUANTS = ("none", "int8")  # named as personalize's --base-quant
+FAMILIES = ("llama",)  # the model families (`models.family_of`) it knows the structure of
 IGNORE = -100
 
 
@@ -107,7 +109,7 @@ def training_step(model: nn.Module, lora: LoraConfig, base_quant: str = "none") 
     """A fp32 copy of `model`, its decoder linears quantised per `base_quant`, with LoRA applied
     (A random, B zero) inside a TrainStep."""
     if lora.dropout:
-        raise OdloraError("--dropout is not supported by the ExecuTorch training program (no random ops in it)")
+        raise OdloraError("is not supported by the ExecuTorch training program (no random ops in it)", param="dropout")
     if base_quant not in BASE_QUANTS:
         raise OdloraError(f"the ExecuTorch training program holds the base as {' or '.join(BASE_QUANTS)}, not {base_quant!r}")
     model = copy.deepcopy(model).float()
@@ -166,9 +168,9 @@ def export_training_program(model: nn.Module, lora: LoraConfig, batch_size: int,
     from executorch.exir import ExecutorchBackendConfig, to_edge
 
     if batch_size < 1:
-        raise OdloraError(f"--batch-size must be >= 1, got {batch_size}")
+        raise OdloraError(f"must be >= 1, got {batch_size}", param="batch_size")
     if not 8 <= seq_len <= model.args.max_seq_len:
-        raise OdloraError(f"--seq-len must be in 8..{model.args.max_seq_len}, got {seq_len}")
+        raise OdloraError(f"must be in 8..{model.args.max_seq_len}, got {seq_len}", param="seq_len")
     step = training_step(model, lora, base_quant)
     params = lora_parameters(step)
     ep = export_joint(step, batch_size, seq_len)

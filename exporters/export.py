@@ -7,6 +7,8 @@
 A target (`formats/targets.py`: its quantisations, blob suffix and options) has an exporter module
 `exporters/<target>.py` that provides:
 
+    FAMILIES: tuple[str, ...]
+        the model families (`models.family_of`) it can export; any other is refused before export
     export_program(model, spec, out_dir, quant, max_seq_len, config, **export_options) -> dict
         writes its files into out_dir, returns target-specific manifest fields
     pack_slots(slots, manifest, out_file) -> None
@@ -30,6 +32,7 @@ from ..formats.manifest import MANIFEST, file_table, read_manifest, sha256_file
 from ..formats.schemas import ExportManifest, PackedSidecar
 from ..formats.slots import DEFAULT_MAX_RANK, PROJECTIONS, SlotSpec
 from ..formats.targets import DEFAULT_MAX_SEQ_LEN, TRAINING_TARGET, target as find_target
+from ..models import family_of
 from ..models.slots import slot_tensors, spec_for_model
 from ..outputs import EXPORT, PACKED, check_output, staged_output, staged_packed
 from ..registry import odlora_home
@@ -37,6 +40,15 @@ from ..registry import odlora_home
 def exporter(target: str):
     """The exporter module of `target` (`exporters/<target>.py`)."""
     return importlib.import_module(find_target(target).exporter)
+
+
+def check_family(model, exporter_module, target: str) -> None:
+    """Refuse a model whose family `exporter_module` (`target`'s) does not know: its rewrites and
+    graph code assume that family's modules."""
+    name = family_of(model)
+    if name not in exporter_module.FAMILIES:
+        raise OdloraError(f"the {target} exporter cannot export model family {name!r} "
+                          f"(supports: {', '.join(exporter_module.FAMILIES)})")
 
 
 def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str] = None,
@@ -53,13 +65,15 @@ def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str
     out = check_out(out, force, resolve(base_spec))
     started = time.perf_counter()
     base = load_base(base_spec)
+    module = exporter(target)
+    check_family(base.model, module, target)
     if max_seq_len > base.model.args.max_seq_len:
         raise OdloraError(f"{max_seq_len} exceeds the base's {base.model.args.max_seq_len} positions", param="max_seq_len")
     spec = spec_for_model(base.model, targets, max_rank)
     with staged_output(out, EXPORT) as tmp:
         say(f"exporting {base.spec} to {target} ({quant}, slots r<={max_rank} on {','.join(spec.targets)}) ...")
-        target_fields = exporter(target).export_program(base.model, spec, tmp, quant, max_seq_len, base.config,
-                                                        **entry.export_options)
+        target_fields = module.export_program(base.model, spec, tmp, quant, max_seq_len, base.config,
+                                              **entry.export_options)
         return write_manifest(tmp, base, target, quant, started, {"max_seq_len": max_seq_len, "slots": spec.to_dict(),
                                                                    **target_fields})
 
@@ -68,14 +82,15 @@ def export_trainable(base, out: Path, lora, batch_size: int, seq_len: int, force
                      base_quant: str = "none") -> dict:
     """Export an ExecuTorch training program (`executorch_train.py`) for `base` (a loaded Base);
     returns its manifest. Its target is `executorch-train`; the runtime does not serve it."""
-    from .executorch_train import export_training_program
+    from . import executorch_train
 
+    check_family(base.model, executorch_train, TRAINING_TARGET)
     out = check_out(out, force, base.path)
     started = time.perf_counter()
     with staged_output(out, EXPORT) as tmp:
         say(f"exporting {base.spec} as an ExecuTorch training program (LoRA r={lora.rank} on {','.join(lora.targets)}, "
             f"batch {batch_size} x {seq_len} tokens, base {base_quant}) ...")
-        fields = export_training_program(base.model, lora, batch_size, seq_len, tmp, base_quant)
+        fields = executorch_train.export_training_program(base.model, lora, batch_size, seq_len, tmp, base_quant)
         return write_manifest(tmp, base, TRAINING_TARGET, base_quant, started, {"max_seq_len": seq_len, **fields})
 
 

@@ -50,6 +50,7 @@ from ..quiet import quiet
 from .onnx_quant import quantize_weights
 
 QUANTS = ("fp32", "int8", "int4")
+FAMILIES = ("llama",)  # the model families (`models.family_of`) it knows the structure of
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 OPSET = 21
@@ -177,7 +178,7 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
     import onnx
 
     if quant not in QUANTS:
-        raise OdloraError(f"--quant {quant!r} is not supported for onnx (choose from {', '.join(QUANTS)})")
+        raise OdloraError(f"{quant!r} is not supported for onnx (choose from {', '.join(QUANTS)})", param="quant")
     a = model.args
     cache_shape = [1, a.n_kv_heads, max_seq_len, a.head_dim]
     graph = CacheIOModel(model, spec).eval()

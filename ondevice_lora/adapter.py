@@ -26,7 +26,8 @@ from torch import nn
 from . import __version__
 from .errors import OdloraError
 from .formats.schemas import AdapterMeta, Model, PeftAdapterConfig, read_json, to_dict
-from .lora import LoRALinear, LoraConfig, lora_layers, lora_scaling
+from .config import LoraConfig, lora_scaling
+from .lora import LoRALinear, lora_layers
 from .models.rewrite import replace_linears
 from .outputs import ADAPTER, staged_output
 from .prompts import DEFAULT_PROMPT_FORMAT

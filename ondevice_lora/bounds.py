@@ -1,7 +1,9 @@
 """The range of every number a user gives us, in one table, and the one check that enforces it.
 
-    RANK.check(100000, "--rank")   # OdloraError: --rank: must be an integer from 1 to 256, got 100000
-    check_fields(cfg, {"lr": LR, "seed": SEED})   # each field against its bound, named as its flag
+    RANK.check(100000, "rank")   # OdloraError: rank: must be an integer from 1 to 256, got 100000
+    check_fields(cfg, {"lr": LR, "seed": SEED})   # each field against its bound; an error names the field
+
+(the CLI prints the parameter as its flag: `--rank: must be ...`; errors.OdloraError.for_cli)
 
 The library configs' `validate()` (TrainConfig, LoraConfig, SamplingConfig, PersonalizeConfig,
 DemoConfig) check their fields here, and the CLI turns the same bounds into click types
@@ -39,10 +41,10 @@ class Bound:
         return None
 
     def check(self, value, name: str):
-        """`value` when it is in bounds; otherwise OdloraError naming `name` (a flag or field)."""
+        """`value` when it is in bounds; otherwise OdloraError about the parameter `name`."""
         problem = self.problem(value)
         if problem:
-            raise OdloraError(f"{name}: {problem}")
+            raise OdloraError(problem, param=name)
         return value
 
     def holds(self, value) -> bool:
@@ -67,13 +69,12 @@ def _num(x: float) -> str:
     return f"{x:,}" if isinstance(x, int) and abs(x) >= 10**6 else f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def check_fields(obj, bounds: dict[str, Bound], names: Optional[dict[str, str]] = None) -> None:
-    """Check each named field of `obj` against its bound (None: not set, skipped). Errors name the
-    field as its flag, `--field-name`, unless `names` says otherwise."""
+def check_fields(obj, bounds: dict[str, Bound]) -> None:
+    """Check each named field of `obj` against its bound (None: not set, skipped); an error names the field."""
     for field, bound in bounds.items():
         value = getattr(obj, field)
         if value is not None:
-            bound.check(value, (names or {}).get(field, "--" + field.replace("_", "-")))
+            bound.check(value, field)
 
 
 # -- the bounds ---------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ from .errors import OdloraError
 MIN_ROW = 8  # bounds.SEQ_LEN's floor: the shortest row worth suggesting
 
 
-def check_seq_len(seq_len: int, config: dict, flag: str = "--seq-len") -> None:
+def check_seq_len(seq_len: int, config: dict) -> None:
     """Refuse rows longer than the base's positions (its RoPE was trained on no more)."""
     context = config.get("max_position_embeddings")
     if context and seq_len > context:
-        raise OdloraError(f"{flag}: {seq_len} exceeds the base's context of {context} tokens")
+        raise OdloraError(f"{seq_len} exceeds the base's context of {context} tokens", param="seq_len")
 
 
 def check_rank(model, names: list[str], rank: int) -> None:
@@ -26,8 +26,8 @@ def check_rank(model, names: list[str], rank: int) -> None:
     at most that rank, so more only adds parameters (`--rank 100000` wrote a 782 MB adapter)."""
     limit, name = min((min(m.in_features, m.out_features), n) for n in names for m in [model.get_submodule(n)])
     if rank > limit:
-        raise OdloraError(f"--rank: {rank} exceeds {limit}, the smaller dimension of {name} "
-                          f"(a LoRA update of that linear has at most rank {limit})")
+        raise OdloraError(f"{rank} exceeds {limit}, the smaller dimension of {name} "
+                          f"(a LoRA update of that linear has at most rank {limit})", param="rank")
 
 
 def activation_bytes_per_token(config: dict, dtype_bytes: int, checkpointing: bool) -> int:

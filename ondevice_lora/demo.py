@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .bounds import EXPORT_SEQ_LEN, LR, POSITIVE_INT, RANK, SEED, THREADS, check_fields
+from .config import DEFAULT_BASE_QUANT, MIN_DEFAULT_STEPS, LoraConfig, PersonalizeConfig, TrainConfig, default_of
 from .errors import OdloraError
 from .formats.manifest import read_manifest, sha256_file
 from .formats.schemas import DemoState, read_json, to_dict
-from .formats.slots import PROJECTIONS
+from .formats.slots import DEFAULT_MAX_RANK, PROJECTIONS
 from .formats.targets import target as find_target
 from .quiet import quiet
 from .samples import SAMPLE_TASKS, exact_match, load_examples, sample_path
@@ -52,14 +53,14 @@ class DemoConfig:
     tasks: tuple[str, ...] = SAMPLE_TASKS
     # Training: 40 steps of 8 x 128 tokens take the default base on `dates` from val loss 0.93 to
     # 0.03 and exact match from 0.00 to 0.80 (rank 8, all linears, int8 base).
-    steps: int = 40
-    rank: int = 8
-    base_quant: str = "int8"  # how the frozen base is held while training
-    lr: float = 1e-3
-    seed: int = 0
+    steps: int = MIN_DEFAULT_STEPS
+    rank: int = default_of(LoraConfig, "rank")
+    base_quant: str = DEFAULT_BASE_QUANT["torch"]  # how the frozen base is held while training
+    lr: float = default_of(TrainConfig, "lr")
+    seed: int = default_of(TrainConfig, "seed")
     # Export: the demo's prompts are under 100 tokens, so a 256-token KV cache is plenty.
     quant: dict = field(default_factory=lambda: dict(EXPORT_QUANT))
-    max_rank: int = 16
+    max_rank: int = DEFAULT_MAX_RANK
     max_seq_len: int = 256
     # Measurement.
     eval_examples: int = 40  # held-out test examples per task, base and adapter each
@@ -71,7 +72,7 @@ class DemoConfig:
     def validate(self) -> None:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
-            raise OdloraError(f"--targets: choose from {', '.join(TARGETS)} (got {','.join(self.targets) or 'none'})")
+            raise OdloraError(f"choose from {', '.join(TARGETS)} (got {','.join(self.targets) or 'none'})", param="targets")
         strangers = sorted(set(self.quant) - set(TARGETS))
         if strangers:
             raise OdloraError(f"--quant {strangers[0]}={self.quant[strangers[0]]}: {strangers[0]!r} is not a runtime "
@@ -84,7 +85,7 @@ class DemoConfig:
             sample_path(task)  # ValueError on an unknown task
         check_fields(self, {"steps": POSITIVE_INT, "eval_examples": POSITIVE_INT, "threads": THREADS, "rank": RANK,
                             "max_rank": RANK, "max_seq_len": EXPORT_SEQ_LEN, "lr": LR, "seed": SEED,
-                            "requests": POSITIVE_INT, "swaps": POSITIVE_INT}, names={"eval_examples": "--examples"})
+                            "requests": POSITIVE_INT, "swaps": POSITIVE_INT})
 
 
 def quick(cfg: DemoConfig) -> DemoConfig:
@@ -202,9 +203,7 @@ def quiet_toolchain():
 # -- the stages -------------------------------------------------------------------------------------
 
 def personalize_stage(cfg: DemoConfig, task: str, say) -> dict:
-    from .lora import LoraConfig
-    from .personalize import PersonalizeConfig, personalize
-    from .train import TrainConfig
+    from .personalize import personalize
 
     out = cfg.out / "adapters" / task
     training = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, eval_every=0, save_every=0)
@@ -273,7 +272,7 @@ def packs_valid(result: dict) -> bool:
 def task_answers(rt, examples: list[dict], adapter: Optional[str]) -> list[str]:
     """Greedy answers to chat examples (their last turn held back as the reference), each cut
     a few tokens past its reference's length."""
-    from .generate import SamplingConfig
+    from .config import SamplingConfig
 
     return [rt.generate(ex["messages"][:-1], adapter=adapter,
                         sampling=SamplingConfig(max_new_tokens=answer_budget(rt, ex["messages"][-1]["content"]))).text
@@ -310,7 +309,7 @@ def answer_budget(rt, reference: str) -> int:
 
 def alternate_requests(rt, tasks, per_task: int, say) -> list[dict]:
     """Requests that switch adapter every time, then the first prompt of each task on the base."""
-    from .generate import SamplingConfig
+    from .config import SamplingConfig
 
     examples = {task: load_examples(task, "test") for task in tasks}
     order = [(task, i, task) for i in range(per_task) for task in tasks] + [(task, 0, None) for task in tasks]
@@ -345,7 +344,7 @@ def swap_latency(rt, ids: list[str], n: int) -> dict:
     """
     def step(adapter_id: str) -> tuple[float, float]:
         t0 = time.perf_counter()
-        loaded, _ = rt._resolve(adapter_id, 1.0)  # the runtime's own lookup, as in generate()
+        loaded, _ = rt.resolve_adapter(adapter_id)  # the runtime's own lookup, as in generate()
         with rt.backend.sequence(loaded) as seq:
             t1 = time.perf_counter()
             seq.forward([token], 0)

@@ -33,7 +33,8 @@ from .data import IGNORE, PackedData
 from .errors import OdloraError
 from .formats.manifest import read_manifest
 from .formats.targets import TRAINING_TARGET
-from .lora import LoraConfig, factor_of
+from .config import LoraConfig
+from .lora import factor_of
 
 
 # -- the program on disk ------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import platform
 
 import torch
 
-COMPUTE_DTYPES = ("auto", "bf16", "fp32")
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .generate import SamplingConfig, generate_tokens
+from .config import SamplingConfig
+from .generate import generate_tokens
 from .prompts import render_chat
 
 

@@ -7,30 +7,12 @@ seeded generator, so the same seed gives the same text. Stops on an EOS id, a st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
 
-from .bounds import NON_NEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE, TOP_P, check_fields
+from .config import SamplingConfig
 from .errors import OdloraError
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 means no top-k cut
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
-
-    def validate(self):
-        """Every field's range (bounds.py); errors name the flags (top_p: --top-p)."""
-        check_fields(self, {"max_new_tokens": POSITIVE_INT, "temperature": TEMPERATURE, "top_k": NON_NEGATIVE_INT,
-                            "top_p": TOP_P, "seed": SEED})
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise OdloraError(f"--stop: each stop is a non-empty string, got {self.stop!r}")
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator]) -> int:

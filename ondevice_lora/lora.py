@@ -5,7 +5,7 @@ A frozen linear `W` (out x in) gains a low-rank update:
     y = W x + s * B (A dropout(x)),   A: (r, in) random,  B: (out, r) zero,  s = alpha / r
 
 (rsLoRA: s = alpha / sqrt(r)). B starts at zero, so step zero is exactly the base. Only A and B
-train. Model files know nothing of LoRA: `apply_lora` walks the model afterwards and wraps the
+train (the settings, LoraConfig, are in `config.py`). Model files know nothing of LoRA: `apply_lora` walks the model afterwards and wraps the
 matching linears in `LoRALinear`, whose submodule names (`base_layer`, `lora_A`, `lora_B`) are
 PEFT's, so adapter keys match PEFT's on disk.
 """
@@ -14,54 +14,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bounds import ALPHA, DROPOUT, POSITIVE_INT, check_fields
+from .config import LoraConfig
 from .errors import OdloraError
 from .models.rewrite import replace_linears
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-TARGET_PRESETS = {
-    "qv": ("q_proj", "v_proj"),  # the paper's choice
-    "attn": ATTENTION,
-    "all-linear": ATTENTION + MLP,  # the default, as QLoRA found best
-}
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 8
-    alpha: Optional[float] = None  # None: 2 x rank, the usual choice (16 at the default rank)
-    dropout: float = 0.0
-    targets: tuple[str, ...] = TARGET_PRESETS["all-linear"]  # module name suffixes
-    layers: Optional[tuple[int, ...]] = None  # None: every layer
-    use_rslora: bool = False
-
-    def __post_init__(self):
-        # The rank has no upper bound here: blends stack ranks and PEFT adapters come from elsewhere.
-        # What a user may ask to train is bounds.RANK, and capacity.check_rank holds it to the base.
-        if self.alpha is None and isinstance(self.rank, int):
-            self.alpha = 2.0 * self.rank
-        check_fields(self, {"rank": POSITIVE_INT, "alpha": ALPHA, "dropout": DROPOUT})
-        self.targets = tuple(self.targets)
-        self.layers = tuple(self.layers) if self.layers is not None else None
-
-    @property
-    def scaling(self) -> float:
-        return lora_scaling(self.alpha, self.rank, self.use_rslora)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def factor_of(parameter: str) -> tuple[str, str]:
@@ -70,56 +30,6 @@ def factor_of(parameter: str) -> tuple[str, str]:
     stem = parameter.removeprefix("model.").removesuffix(".weight")
     module, _, factor = stem.rpartition(".lora_")
     return module, factor
-
-
-def parse_targets(spec: str) -> tuple[str, ...]:
-    """`qv`, `attn`, `all-linear`, or a comma-separated list of module names (`q_proj,v_proj`).
-    Which names the base has is checked by `match_targets` once it is loaded."""
-    if spec in TARGET_PRESETS:
-        return TARGET_PRESETS[spec]
-    names = tuple(n.strip() for n in spec.split(",") if n.strip())
-    if not names:
-        raise OdloraError(f"--targets: {spec!r} names no module (presets: {', '.join(TARGET_PRESETS)}, "
-                          f"or module names such as q_proj,v_proj)")
-    bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
-    if bad:
-        raise OdloraError(f"--targets: {bad[0]!r} is not a module name (presets: {', '.join(TARGET_PRESETS)}, "
-                          f"or module names such as q_proj,v_proj)")
-    return names
-
-
-LAYER_PRESETS = ("all", "middle")
-
-
-def check_layers_spec(spec: Optional[str]) -> None:
-    """The syntax of a --layers spec, before the base (and so its layer count) is known."""
-    if spec not in (None, "", *LAYER_PRESETS):
-        _listed_layers(spec)
-
-
-def parse_layers(spec: Optional[str], n_layers: int) -> Optional[tuple[int, ...]]:
-    """`None`/`all`, `middle` (the middle third), `A-B` (inclusive) or `i,j,k`."""
-    if spec in (None, "", "all"):
-        return None
-    if spec == "middle":
-        third = n_layers // 3
-        return tuple(range(third, n_layers - third))
-    layers = _listed_layers(spec)
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise OdloraError(f"--layers: {spec!r}: layer {bad[0]} is outside 0-{n_layers - 1}")
-    return layers
-
-
-def _listed_layers(spec: str) -> tuple[int, ...]:
-    """`A-B` (A <= B) or `i,j,k` as layer numbers."""
-    if m := re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", spec):
-        if int(m[1]) > int(m[2]):
-            raise OdloraError(f"--layers: {spec!r}: a range A-B needs A <= B")
-        return tuple(range(int(m[1]), int(m[2]) + 1))
-    if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", spec):
-        return tuple(int(i) for i in spec.split(","))
-    raise OdloraError(f"--layers: {spec!r}: expected 'all', 'middle', 'A-B' or 'i,j,k' (layer numbers from 0)")
 
 
 def match_targets(model: nn.Module, targets, layers=None) -> list[str]:
@@ -139,8 +49,8 @@ def match_targets(model: nn.Module, targets, layers=None) -> list[str]:
     if not names:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                           if n.startswith("model.layers.") and hasattr(m, "in_features")})
-        raise OdloraError(f"--targets: {','.join(targets)} match no linear layer of this model "
-                          f"(its layers' linears: {', '.join(linears)})")
+        raise OdloraError(f"{','.join(targets)} match no linear layer of this model "
+                          f"(its layers' linears: {', '.join(linears)})", param="targets")
     return names
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,48 +29,18 @@ import torch
 from .adapter import adapter_from_factors, save_adapter
 from .atomic import discard
 from .base import Base, load_base, load_tokenizer, resolve
-from .bounds import SEQ_LEN, THREADS, VAL_SPLIT, check_fields
 from .capacity import check_rank, check_seq_len, check_training_memory
+from .config import LoraConfig, PersonalizeConfig, parse_layers
 from .data import IGNORE, data_stats, pack, read_examples, split_examples
-from .devices import COMPUTE_DTYPES, resolve_compute_dtype
+from .devices import resolve_compute_dtype
 from .errors import OdloraError
-from .lora import LoraConfig, apply_lora, check_layers_spec, match_targets, parse_layers
+from .lora import apply_lora, match_targets
 from .outputs import ADAPTER, check_output
-from .prompts import DEFAULT_PROMPT_FORMAT, resolve_prompt_format
+from .prompts import resolve_prompt_format
 from .quant import quantize_base
-from .train import TorchEngine, TrainConfig, config_identity, train, underfit_hint
+from .train import TorchEngine, config_identity, train, underfit_hint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-ENGINES = ("torch", "executorch")
-
-
-@dataclass
-class PersonalizeConfig:
-    base: Optional[str] = None
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    training: TrainConfig = field(default_factory=TrainConfig)
-    seq_len: int = 128
-    val_split: float = 0.1
-    val_data: Optional[Path] = None
-    base_quant: str = "int8"  # fastest of none/int8/int4 at equal quality on a 2-core CPU (bench/)
-    dtype: str = "auto"  # bf16 where the CPU computes it natively, else fp32 (devices.py)
-    layers: str = "all"  # parsed once the base's layer count is known
-    train_on_prompt: bool = False
-    prompt_format: str = DEFAULT_PROMPT_FORMAT  # how prompt/completion rows are rendered, and later served
-    threads: Optional[int] = None
-    engine: str = "torch"  # or "executorch"
-    program: Optional[Path] = None  # executorch: an exported training program (default: cached per base/shape)
-
-    def validate(self) -> None:
-        """Every setting that needs no base, before anything loads: a bad flag costs nothing.
-        What needs the base (its context, its linears, this machine's RAM) is `check_fits`."""
-        if self.dtype not in COMPUTE_DTYPES:
-            raise OdloraError(f"--dtype: {self.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
-        if self.engine not in ENGINES:
-            raise OdloraError(f"--engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
-        check_fields(self, {"seq_len": SEQ_LEN, "val_split": VAL_SPLIT, "threads": THREADS})
-        check_layers_spec(self.layers)
-        self.training.validate()
 
 
 def compute_dtype(cfg: PersonalizeConfig) -> str:
@@ -238,9 +208,9 @@ def check_executorch_flags(cfg: PersonalizeConfig, lora: LoraConfig) -> None:
 
     for flag in ("activation_checkpointing", "compile"):
         if getattr(cfg.training, flag):
-            raise OdloraError(f"--{flag.replace('_', '-')} is not supported by --engine executorch")
+            raise OdloraError("is not supported by the executorch engine", param=flag)
     if lora.dropout:
-        raise OdloraError("--dropout is not supported by --engine executorch (the program has no random ops)")
+        raise OdloraError("is not supported by the executorch engine (the program has no random ops)", param="dropout")
     if cfg.base_quant not in ("none", "int8") or compute_dtype(cfg) != "fp32":
         raise OdloraError("--engine executorch computes in fp32 on a base held as none (fp32) or int8: "
                           "use --base-quant none|int8 --dtype fp32 (the defaults for this engine: none, fp32)")
@@ -260,7 +230,7 @@ def executorch_engine(cfg: PersonalizeConfig, base: Base, lora: LoraConfig, say,
         program = program_exporter(base, lora, cfg.training.batch_size, cfg.seq_len, cfg.base_quant, say)
     manifest = read_program(program)
     if manifest["base_fingerprint"] != base.fingerprint:
-        raise OdloraError(f"--program {program} was exported for another base")
+        raise OdloraError(f"{program} was exported for another base", param="program")
     engine = ExecutorchEngine(program, manifest, seed=cfg.training.seed, threads=cfg.threads)
     return engine, {"base_quant": cfg.base_quant, "dtype": "fp32", "engine": "executorch", "program": str(program)}
 

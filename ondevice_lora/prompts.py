@@ -32,7 +32,7 @@ def resolve_prompt_format(requested: str, tokenizer) -> str:
     """The format an adapter trained on this base with `requested` really gets: "chat" needs a
     template, so a base without one trains (and serves) raw."""
     if requested not in PROMPT_FORMATS:
-        raise OdloraError(f"--format {requested!r} is not one of {', '.join(PROMPT_FORMATS)}")
+        raise OdloraError(f"{requested!r} is not one of {', '.join(PROMPT_FORMATS)}", param="prompt_format")
     return requested if has_chat_template(tokenizer) else "raw"
 
 

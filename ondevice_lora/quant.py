@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import BASE_QUANTS
 from .errors import OdloraError
 from .models.rewrite import replace_linears
 
-BASE_QUANTS = ("none", "int8", "int4")
 INT4_GROUP = 32
 DECODE_ROWS = 16  # up to this many rows (tokens) the packed kernels beat dequantise + GEMM
 
@@ -118,7 +118,7 @@ QUANTISERS = {"int8": Int8Linear, "int4": Int4Linear}
 def quantize_base(model: nn.Module, quant: str, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Cast the frozen base to `dtype` and replace its decoder linears by `quant` versions."""
     if quant not in BASE_QUANTS:
-        raise OdloraError(f"--base-quant {quant!r} is not one of {', '.join(BASE_QUANTS)}")
+        raise OdloraError(f"{quant!r} is not one of {', '.join(BASE_QUANTS)}", param="base_quant")
     model.to(dtype)
     if quant == "none":
         return model

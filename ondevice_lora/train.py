@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,59 +36,15 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 from .adapter import model_factors
-from .bounds import EPOCHS, LR, NON_NEGATIVE_INT, POSITIVE_INT, SEED, Bound, check_fields
 from .atomic import kill_point
+from .config import TrainConfig
 from .data import batches
 from .errors import OdloraError
 from .evaluate import evaluate_loss, token_loss
+from .models.training_ops import use_training_ops
 from .outputs import CHECKPOINT, staged_output
 from .formats.manifest import sha256_file
 from .formats.schemas import CheckpointState, read_json, to_dict
-
-
-DEFAULT_EPOCHS = 3.0
-MIN_DEFAULT_STEPS = 40  # what the shipped tasks need to reach 0.8-0.9 exact match (demo: 40 steps of 8 rows)
-MAX_DEFAULT_EPOCHS = 20  # ...but no more passes than this over a very small file
-
-
-@dataclass
-class TrainConfig:
-    steps: Optional[int] = None  # optimiser steps; None: derive from the data (see total_steps)
-    epochs: Optional[float] = None  # passes over the data; None: DEFAULT_EPOCHS, with at least MIN_DEFAULT_STEPS
-    lr: float = 1e-3
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup: float = 0.05  # fraction of the steps
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    eval_every: int = 50  # steps; 0: only before and after
-    save_every: int = 100  # steps; 0: no periodic checkpoint
-    early_stopping: int = 0  # evaluations without improvement before stopping; 0: never
-    activation_checkpointing: bool = False
-    compile: bool = False  # TorchInductor for the decoder layers' training steps
-
-    def validate(self):
-        """Every flag's range (bounds.py), before anything loads; errors name the flags (steps: --steps)."""
-        check_fields(self, {
-            "steps": POSITIVE_INT, "epochs": EPOCHS, "lr": LR, "batch_size": POSITIVE_INT, "grad_accum": POSITIVE_INT,
-            "seed": SEED, "eval_every": NON_NEGATIVE_INT, "save_every": NON_NEGATIVE_INT, "early_stopping": NON_NEGATIVE_INT,
-            # not flags, but a library caller's NaN here would train a NaN adapter
-            "warmup": Bound(0, 1), "weight_decay": Bound(0), "max_grad_norm": Bound(0, low_open=True),
-        })
-        if self.compile and self.activation_checkpointing:
-            raise OdloraError("--compile and --activation-checkpointing cannot be used together")
-
-    def total_steps(self, n_rows: int) -> int:
-        """--steps, else --epochs passes over the rows; with neither, DEFAULT_EPOCHS but at least
-        MIN_DEFAULT_STEPS (and at most MAX_DEFAULT_EPOCHS passes): 3 epochs of a user's 50-line
-        file are 6 steps, which leaves the adapter underfit (validation loss 4.84 -> 1.62 there)."""
-        if self.steps is not None:
-            return self.steps
-        per_epoch = math.ceil(n_rows / (self.batch_size * self.grad_accum))
-        if self.epochs is not None:
-            return max(1, round(per_epoch * self.epochs))
-        return max(round(per_epoch * DEFAULT_EPOCHS), min(MIN_DEFAULT_STEPS, per_epoch * MAX_DEFAULT_EPOCHS))
 
 
 def lr_lambda(total: int, warmup_fraction: float) -> Callable[[int], float]:
@@ -127,7 +83,7 @@ def enable_compile(model) -> None:
     recompile. The first training step pays for the compile.
     """
     if find_cxx_compiler() is None:
-        raise OdloraError("--compile needs a C++ compiler for TorchInductor: g++ or clang++ on PATH, or $CXX")
+        raise OdloraError("needs a C++ compiler for TorchInductor: g++ or clang++ on PATH, or $CXX", param="compile")
     for layer in model.model.layers:
         eager, compiled = layer.forward, torch.compile(layer.forward)
         layer.forward = lambda *args, _e=eager, _c=compiled: _c(*args) if torch.is_grad_enabled() else _e(*args)
@@ -151,7 +107,9 @@ class TorchEngine:
         if activation_checkpointing:
             enable_activation_checkpointing(model)
         if compile:
-            enable_compile(model)
+            enable_compile(model)  # Inductor fuses the plain ops; the lean autograd functions are for eager mode
+        else:
+            use_training_ops(model)
 
     def loss_and_grads(self, batch: dict, scale: float) -> float:
         self.model.train()
@@ -187,16 +145,17 @@ def load_checkpoint(path: Path, params: dict, optimizer, expect: dict) -> dict:
         state = to_dict(read_json(path / "state.json", CheckpointState))
         intact = state["sha256"] == sha256_file(path / "state.safetensors")
     except OdloraError as e:
-        raise OdloraError(f"--resume: {e}") from None
+        raise OdloraError(str(e), param="resume") from None
     except OSError as e:
-        raise OdloraError(f"--resume: no usable checkpoint at {path} ({e})") from None
+        raise OdloraError(f"no usable checkpoint at {path} ({e})", param="resume") from None
     if not intact:
-        raise OdloraError(f"--resume: checkpoint {path} is torn or damaged (state.safetensors does not match the "
-                          f"sha256 in state.json); start without --resume")
+        raise OdloraError(f"checkpoint {path} is torn or damaged (state.safetensors does not match the "
+                          f"sha256 in state.json); start afresh, without resume", param="resume")
     tensors = load_file(str(path / "state.safetensors"))
     for key, value in expect.items():
         if state["identity"].get(key) != value:
-            raise OdloraError(f"--resume: checkpoint {path} was made with a different {key}; start without --resume")
+            raise OdloraError(f"checkpoint {path} was made with a different {key}; start afresh, without resume",
+                              param="resume")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])

@@ -50,7 +50,7 @@ class Access:
         if bind_host not in WILDCARDS:
             hosts.add(bind_host.strip("[]").lower())
         if api_key is not None and not (api_key and api_key.isascii() and api_key.isprintable() and " " not in api_key):
-            raise OdloraError("--api-key: use a non-empty key of printable ASCII without spaces")
+            raise OdloraError("use a non-empty key of printable ASCII without spaces", param="api_key")
         return cls(frozenset(hosts), api_key)
 
     @property
@@ -70,7 +70,7 @@ def checked_host(name: str) -> str:
     labels = bare.split(".")
     if not bare or len(bare) > 253 or not all(label and len(label) <= 63 and label.replace("-", "").isalnum()
                                               and label.isascii() for label in labels):
-        raise OdloraError(f"--allow-host {name!r}: give a host name or an IP address (no scheme, port or path)")
+        raise OdloraError(f"{name!r}: give a host name or an IP address (no scheme, port or path)", param="allow_hosts")
     return bare
 
 

@@ -38,6 +38,7 @@ from ..base import load_tokenizer
 from ..errors import OdloraError
 from ..outputs import BUNDLE, check_output, staged_output
 from ..prompts import DEFAULT_PROMPT_FORMAT, has_chat_template, render_chat, stop_token_ids
+from ..formats.adapter_ids import check_adapter_id
 from ..formats.manifest import MANIFEST, file_table, read_manifest, sha256_file
 from ..formats.schemas import BundleManifest, read_json, to_dict
 from .adapters import read_sidecar
@@ -116,11 +117,6 @@ def copy_adapter(adapter_id: str, blob: Path, export: dict, into: Path) -> dict:
             "prompt_format": info.get("prompt_format", DEFAULT_PROMPT_FORMAT)}
 
 
-def check_adapter_id(adapter_id: str) -> None:
-    if not adapter_id or not all(c.isalnum() or c in "-_." for c in adapter_id) or adapter_id.startswith("."):
-        raise OdloraError(f"adapter id {adapter_id!r}: use letters, digits, '-', '_' and '.' (it names a file)")
-
-
 def prompt_template(export_dir: Path, export: dict) -> dict:
     """The chat template around one user message, and the stop ids, as plain strings and numbers."""
     tokenizer = load_tokenizer(export_dir / "tokenizer")
@@ -144,11 +140,7 @@ def open_bundle(path: Path, base: Optional[Bundle] = None) -> Bundle:
     except FileNotFoundError:
         raise OdloraError(f"{path}: not an odlora bundle (no {BUNDLE_MANIFEST})") from None
     verify_files(path, manifest["files"])
-    for adapter in manifest["adapters"]:
-        try:
-            check_adapter_id(adapter["id"])
-        except OdloraError as e:
-            raise OdloraError(f"{manifest_path}: {e}") from None
+    for adapter in manifest["adapters"]:  # (their ids were checked with the schema)
         if adapter["file"] not in manifest["files"]:
             raise OdloraError(f"{manifest_path}: adapter {adapter['id']!r} file {adapter['file']} is not listed in files")
     bundle = Bundle(path, manifest)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import BinaryIO, TextIO, Union
 
 from ..errors import OdloraError
-from ..generate import SamplingConfig
+from ..config import SamplingConfig
 from .adapters import label, normalise, parse_label
 from .engine import Runtime
 

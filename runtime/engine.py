@@ -25,8 +25,10 @@ import torch
 
 from ..base import load_tokenizer
 from ..errors import OdloraError
+from ..formats.adapter_ids import check_adapter_id
 from ..formats.manifest import read_manifest
-from ..generate import SamplingConfig, TextStream, sample_next
+from ..config import SamplingConfig
+from ..generate import TextStream, sample_next
 from ..prompts import encode_prompt, has_chat_template, render_chat, stop_token_ids
 from .adapters import (AdapterCache, RegisteredAdapter, blend_prompt_format, check_checksum, combine_slots, file_stamp,
                        label, normalise, read_sidecar)
@@ -112,8 +114,7 @@ class Runtime:
         tensors against the export's slots); it then stays in the cache while the budget allows.
         Registering an id again replaces it. Returns the sidecar.
         """
-        if not isinstance(adapter_id, str) or not adapter_id.strip():
-            raise OdloraError(f"an adapter id must be a non-empty string, got {adapter_id!r}")
+        check_adapter_id(adapter_id)
         blob = Path(blob_path)
         info = read_sidecar(blob, self.manifest)
         entry = RegisteredAdapter(adapter_id, blob, info, info["sha256"], file_stamp(blob))
@@ -137,8 +138,9 @@ class Runtime:
         except OdloraError as e:
             raise OdloraError(f"adapter {entry.id!r}: {e}") from None
 
-    def _resolve(self, adapter: AdapterArg, strength: float) -> tuple[Optional[Loaded], Optional[str]]:
-        """The loaded adapter for a request (None: the base) and its label."""
+    def resolve_adapter(self, adapter: AdapterArg, strength: float = 1.0) -> tuple[Optional[Loaded], Optional[str]]:
+        """The loaded adapter for a request (None: the base) and its label: what a request does before
+        its first forward (the swap the demo and bench/bench_runtime.py time)."""
         with self._lock:
             registered = dict(self.adapters)
         parts = normalise(adapter, strength, registered)
@@ -224,7 +226,7 @@ class Runtime:
         if n >= self.max_seq_len:
             raise OdloraError(f"the prompt has {n} tokens; this export's --max-seq-len {self.max_seq_len} leaves "
                               f"room for at most {self.max_seq_len - 1} before generating")
-        loaded, name = self._resolve(adapter, strength)
+        loaded, name = self.resolve_adapter(adapter, strength)
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         stop_ids = stop_token_ids(self.tokenizer, self.manifest.get("config", {}))
         finish = "length"

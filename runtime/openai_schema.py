@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse
 
-from ..generate import SamplingConfig
+from ..config import SamplingConfig
 from ..formats.schemas import field_path
 
 MAX_SEED = 2**63 - 1  # what a torch.Generator takes (and a signed 64-bit seed field in any client)

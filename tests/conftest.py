@@ -349,7 +349,8 @@ def default_adapter(default_base, tmp_path_factory):
     adapter's scale; returns (its directory, the fp32 default base with it attached)."""
     from ondevice_lora.adapter import adapter_from_model, attach_adapter, load_adapter, save_adapter
     from ondevice_lora.base import load_base
-    from ondevice_lora.lora import LoraConfig, apply_lora
+    from ondevice_lora.config import LoraConfig
+    from ondevice_lora.lora import apply_lora
     from ondevice_lora.registry import DEFAULT_BASE
 
     torch.manual_seed(0)

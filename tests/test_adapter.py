@@ -12,7 +12,8 @@ from ondevice_lora.adapter import (
 from ondevice_lora.adapter_stats import effective_rank, inspect_adapter, singular_values
 from ondevice_lora.base import load_base
 from ondevice_lora.errors import OdloraError
-from ondevice_lora.lora import LoraConfig, apply_lora
+from ondevice_lora.config import LoraConfig
+from ondevice_lora.lora import apply_lora
 from conftest import run_cli
 
 

@@ -18,7 +18,8 @@ from ondevice_lora.adapter_gguf import gguf_tensor_name, write_lora_gguf
 from ondevice_lora.base import load_base
 from ondevice_lora.errors import OdloraError
 from ondevice_lora.gguf_checkpoint import _unpermute_qk
-from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers
+from ondevice_lora.config import LoraConfig
+from ondevice_lora.lora import apply_lora, lora_layers
 
 
 def random_adapter(base_spec: str, rank: int = 4, use_rslora: bool = False, seed: int = 0) -> Adapter:

@@ -79,6 +79,10 @@ def _fingerprint(copy, m):
     m["base_fingerprint"] = "sha256:" + "0" * 64
 
 
+def _blend_id(copy, m):
+    m["adapters"][0]["id"] = "a:b"  # a request could not name it: ':' writes a blend
+
+
 # (edit, what the error says): every runtime refuses these the same way (see also test_native.py)
 BAD_BUNDLES = [
     (_drop_file, "file base/model.ptd listed in bundle.json is missing"),
@@ -87,6 +91,7 @@ BAD_BUNDLES = [
     (_absolute, "path '/etc/passwd' leaves the bundle"),
     (_version, "unknown bundle format version 99"),
     (_fingerprint, "fingerprint differs"),
+    (_blend_id, "adapter id 'a:b'"),
 ]
 
 

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from ondevice_lora.generate import SamplingConfig  # noqa: E402
+from ondevice_lora.config import SamplingConfig  # noqa: E402
 from ondevice_lora.runtime.chat import run_chat  # noqa: E402
 from test_runtime import MAX_SEQ, PROMPT  # noqa: E402
 from test_serve import rt, tiny_export  # noqa: E402,F401  (fixtures)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ondevice_lora.base import load_base
-from ondevice_lora.generate import SamplingConfig, generate_text
+from ondevice_lora.config import SamplingConfig
+from ondevice_lora.generate import generate_text
 from ondevice_lora.prompts import encode_prompt, stop_token_ids
 from conftest import run_cli
 

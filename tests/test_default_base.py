@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from ondevice_lora.generate import SamplingConfig, generate_text
+from ondevice_lora.config import SamplingConfig
+from ondevice_lora.generate import generate_text
 from ondevice_lora.prompts import encode_prompt, render_chat, stop_token_ids
 
 pytestmark = pytest.mark.slow

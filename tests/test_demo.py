@@ -142,7 +142,7 @@ def test_rerun_redoes_what_changed(first, tmp_path):
 
 
 def test_bad_settings_fail_before_any_work(tmp_path):
-    with pytest.raises(OdloraError, match="--targets"):
+    with pytest.raises(OdloraError, match="^targets: "):  # the setting (the CLI prints --targets)
         run_demo(DemoConfig(out=tmp_path / "x", targets=("tflite",)), say=lambda m: None)
     assert not (tmp_path / "x").exists()
     cfg = quick(DemoConfig())

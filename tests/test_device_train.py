@@ -24,11 +24,10 @@ from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.evaluate import task_accuracy  # noqa: E402
 from ondevice_lora.exporters.executorch_train import lora_parameters, training_step  # noqa: E402
 from ondevice_lora.exporters.export import export, export_trainable, pack as pack_adapter  # noqa: E402
-from ondevice_lora.lora import LoraConfig  # noqa: E402
-from ondevice_lora.personalize import PersonalizeConfig, personalize  # noqa: E402
+from ondevice_lora.config import LoraConfig, PersonalizeConfig, TrainConfig  # noqa: E402
+from ondevice_lora.personalize import personalize  # noqa: E402
 from ondevice_lora.prompts import encode_prompt, stop_token_ids  # noqa: E402
 from ondevice_lora.samples import load_examples, sample_path  # noqa: E402
-from ondevice_lora.train import TrainConfig  # noqa: E402
 from conftest import run_cli  # noqa: E402
 from test_personalize import Interrupt  # noqa: E402
 
@@ -133,7 +132,8 @@ def test_training_lowers_the_loss_and_the_adapter_packs_and_runs(program, dates_
     reference = load_base(str(base_dir))
     attach_adapter(reference.model, load_adapter(tmp_path / "ad"))
     prompt = encode_prompt(reference.tokenizer, "Normalise the date: 3 March 2021")
-    from ondevice_lora.generate import SamplingConfig, generate_text
+    from ondevice_lora.config import SamplingConfig
+    from ondevice_lora.generate import generate_text
 
     greedy = SamplingConfig(max_new_tokens=8)
     expected = generate_text(reference.model, reference.tokenizer, prompt, greedy,

@@ -6,7 +6,8 @@ import torch
 
 from ondevice_lora.base import load_base
 from ondevice_lora.evaluate import chat_prompt_and_answer, could_still_match, task_accuracy
-from ondevice_lora.generate import SamplingConfig, generate_text
+from ondevice_lora.config import SamplingConfig
+from ondevice_lora.generate import generate_text
 
 
 @pytest.mark.parametrize("text, reference, expected", [

@@ -34,7 +34,7 @@ from ondevice_lora.formats.blobs import COREML_SLOTS_FORMAT  # noqa: E402
 from ondevice_lora.formats.manifest import read_manifest  # noqa: E402
 from ondevice_lora.models.slots import slot_tensors, spec_for_model, zero_slots  # noqa: E402
 from ondevice_lora.runtime import coreml as coreml_runtime  # noqa: E402
-from ondevice_lora.lora import LoraConfig  # noqa: E402
+from ondevice_lora.config import LoraConfig  # noqa: E402
 
 MAX_RANK = 8
 MAX_SEQ_LEN = 16

@@ -25,7 +25,8 @@ from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.runtime.executorch import ExecutorchSession  # noqa: E402
 from sessions import executorch_greedy, executorch_perplexity  # noqa: E402
 from ondevice_lora.exporters.export import export, pack  # noqa: E402
-from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers  # noqa: E402
+from ondevice_lora.config import LoraConfig  # noqa: E402
+from ondevice_lora.lora import apply_lora, lora_layers  # noqa: E402
 from conftest import DEFAULT_EXPORT_QUESTION as QUESTION, DEFAULT_EXPORT_SEQ  # noqa: E402
 
 MAX_SEQ = 48  # > one 32-token prefill chunk, so prompts take the full, right-aligned and padded paths
@@ -139,7 +140,8 @@ def test_switch_adapters_on_one_program(exported, session):
 
 
 def test_greedy_matches_pytorch(exported, session):
-    from ondevice_lora.generate import SamplingConfig, generate_tokens
+    from ondevice_lora.config import SamplingConfig
+    from ondevice_lora.generate import generate_tokens
 
     base_dir, _, _, packed = exported
     prompt = [1, 17, 30, 44, 9]

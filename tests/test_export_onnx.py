@@ -27,7 +27,8 @@ from ondevice_lora.exporters.onnx import replace_kv_cache_with_io  # noqa: E402
 from ondevice_lora.runtime.onnx import OnnxSession  # noqa: E402
 from sessions import onnx_greedy  # noqa: E402
 from ondevice_lora.exporters.onnx_quant import BLOCK_SIZES  # noqa: E402
-from ondevice_lora.lora import LoraConfig, apply_lora  # noqa: E402
+from ondevice_lora.config import LoraConfig  # noqa: E402
+from ondevice_lora.lora import apply_lora  # noqa: E402
 from conftest import DEFAULT_EXPORT_QUESTION as QUESTION, DEFAULT_EXPORT_SEQ  # noqa: E402
 
 MAX_SEQ = 64

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from ondevice_lora.errors import OdloraError
-from ondevice_lora.generate import SamplingConfig
+from ondevice_lora.config import SamplingConfig
 from ondevice_lora.runtime import Runtime
 from test_bundle import BAD_BUNDLES, edited
 from test_runtime import PROMPT

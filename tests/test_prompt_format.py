@@ -14,13 +14,12 @@ import pytest
 from ondevice_lora.adapter import load_adapter
 from ondevice_lora.errors import OdloraError
 from ondevice_lora.exporters.export import pack
-from ondevice_lora.generate import SamplingConfig
-from ondevice_lora.lora import LoraConfig
-from ondevice_lora.personalize import PersonalizeConfig, personalize
+from ondevice_lora.config import LoraConfig, PersonalizeConfig, SamplingConfig, TrainConfig
+from ondevice_lora.personalize import personalize
 from ondevice_lora.prompts import encode_prompt
 from ondevice_lora.runtime import Runtime
 from ondevice_lora.runtime.bundle import write_bundle
-from ondevice_lora.train import TrainConfig, underfit_hint
+from ondevice_lora.train import underfit_hint
 from conftest import run_cli
 from test_native import native  # noqa: F401 (the native build fixture)
 from test_runtime import PROMPT, make_adapter

@@ -11,10 +11,10 @@ from ondevice_lora.adapter import attach_adapter, load_adapter
 from ondevice_lora.base import load_base
 from ondevice_lora.data import pack, read_examples
 from ondevice_lora.evaluate import evaluate_loss, task_accuracy
-from ondevice_lora.personalize import PersonalizeConfig, personalize
+from ondevice_lora.config import PersonalizeConfig, TrainConfig
+from ondevice_lora.personalize import personalize
 from ondevice_lora.prompts import stop_token_ids
 from ondevice_lora.samples import SAMPLE_TASKS, general_text_path, load_examples, sample_path
-from ondevice_lora.train import TrainConfig
 
 STEPS = 30  # batch 8 x 128 tokens; about a minute per task on 2 cores (the loss is ~0.01 by step 10)
 # bf16 matmuls round differently with another thread count, and earlier tests may leave torch on

@@ -27,7 +27,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from ondevice_lora.exporters.export import export, pack  # noqa: E402
-from ondevice_lora.generate import SamplingConfig  # noqa: E402
+from ondevice_lora.config import SamplingConfig  # noqa: E402
 from ondevice_lora.runtime import Runtime  # noqa: E402
 from ondevice_lora.runtime.server import build_server  # noqa: E402
 from test_runtime import ADAPTERS, MAX_SEQ, PROMPT, make_adapter, quiet  # noqa: E402

@@ -5,9 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from ondevice_lora.base import load_base
-from ondevice_lora.lora import LoraConfig, apply_lora, lora_layers
-from ondevice_lora.models import training_ops
-from ondevice_lora.models.training_ops import RMSNormFunction, RopeFunction, SwiGLUFunction, rotate_half
+from ondevice_lora.config import LoraConfig
+from ondevice_lora.lora import apply_lora, lora_layers
+from ondevice_lora.models import llama
+from ondevice_lora.models.llama import rotate_half
+from ondevice_lora.models.training_ops import (RMSNormFunction, RopeFunction, SwiGLUFunction, TrainingAttention,
+                                               TrainingMLP, TrainingRMSNorm, use_training_ops)
+from ondevice_lora.train import TorchEngine
 
 
 def plain_rms_norm(x, weight, eps):
@@ -73,22 +77,21 @@ def lora_model(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_a_training_step_keeps_less_and_gives_the_same_loss_and_lora_gradients(tiny_llama_dir, monkeypatch, packed):
-    model = lora_model(tiny_llama_dir)
+def test_a_training_step_keeps_less_and_gives_the_same_loss_and_lora_gradients(tiny_llama_dir, packed):
+    lean, plain = use_training_ops(lora_model(tiny_llama_dir)), lora_model(tiny_llama_dir)
     tokens = torch.randint(0, 64, (2, 24))
     segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24]) if packed else None
 
-    def step():
+    def step(model):
         model.zero_grad(set_to_none=True)
         loss = model.hidden_states(tokens, segment_ids=segments).float().pow(2).mean()
         loss.backward()
         return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    lean_bytes = saved_bytes(step)
-    lean_loss, lean_grads = step()
-    monkeypatch.setattr(training_ops, "active", lambda: False)
-    plain_bytes = saved_bytes(step)
-    plain_loss, plain_grads = step()
+    lean_bytes = saved_bytes(lambda: step(lean))
+    lean_loss, lean_grads = step(lean)
+    plain_bytes = saved_bytes(lambda: step(plain))
+    plain_loss, plain_grads = step(plain)
 
     assert torch.equal(lean_loss, plain_loss)  # forward passes are bit-identical
     for name, grad in plain_grads.items():
@@ -96,24 +99,50 @@ def test_a_training_step_keeps_less_and_gives_the_same_loss_and_lora_gradients(t
     assert lean_bytes < 0.85 * plain_bytes  # 0.78 on this tiny model
 
 
-def test_cached_decoding_with_autograd_on_matches_no_grad(tiny_llama_dir):
-    """Nothing decodes with autograd recording today, but if a caller does, the answers hold."""
-    model = lora_model(tiny_llama_dir).eval()
+def test_cached_decoding_with_the_training_ops_matches_the_plain_model(tiny_llama_dir):
+    """Nothing decodes with a training model today, but if a caller does, the answers hold."""
+    lean, plain = use_training_ops(lora_model(tiny_llama_dir).eval()), lora_model(tiny_llama_dir).eval()
     prompt, next_token = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 1))
 
-    def prefill_and_decode():
+    def prefill_and_decode(model):
         model.setup_cache(max_batch=1, max_seq_len=16, dtype=torch.bfloat16)
         first = model(prompt, input_pos=torch.arange(6))
         return first, model(next_token, input_pos=torch.tensor([6]))
 
-    recorded = prefill_and_decode()
+    recorded = prefill_and_decode(lean)
     with torch.no_grad():
-        plain = prefill_and_decode()
-    for a, b in zip(recorded, plain):
+        expected = prefill_and_decode(plain)
+    for a, b in zip(recorded, expected):
         assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
 
 
-def test_inference_and_export_tracing_take_the_plain_ops():
-    assert training_ops.active()
-    with torch.no_grad():
-        assert not training_ops.active()
+def module_classes(model) -> set:
+    return {type(m) for m in model.modules()} & {llama.RMSNorm, llama.Attention, llama.MLP, TrainingRMSNorm,
+                                                 TrainingAttention, TrainingMLP}
+
+
+def test_eager_torch_training_takes_the_training_ops_and_everything_else_the_plain_ones(tiny_llama_dir, monkeypatch):
+    """A loaded model (what inference and export take) and a compiled one keep llama.py's classes;
+    the eager engine swaps them."""
+    model = lora_model(tiny_llama_dir)
+    assert module_classes(model) == {llama.RMSNorm, llama.Attention, llama.MLP}
+    keys = list(model.state_dict())
+    TorchEngine(model)
+    assert module_classes(model) == {TrainingRMSNorm, TrainingAttention, TrainingMLP}
+    assert list(model.state_dict()) == keys  # same modules and parameters: checkpoints and factors read the same
+
+    monkeypatch.setattr("ondevice_lora.train.find_cxx_compiler", lambda: "c++")  # torch.compile is lazy: nothing runs
+    compiled = lora_model(tiny_llama_dir)
+    TorchEngine(compiled, compile=True)
+    assert module_classes(compiled) == {llama.RMSNorm, llama.Attention, llama.MLP}
+
+
+def test_a_rewritten_module_is_left_alone(tiny_llama_dir):
+    class Rewritten(llama.Attention):  # as an exporter's rewrite subclasses the plain class
+        pass
+
+    model = lora_model(tiny_llama_dir)
+    model.model.layers[0].self_attn.__class__ = Rewritten
+    use_training_ops(model)
+    assert type(model.model.layers[0].self_attn) is Rewritten
+    assert type(model.model.layers[1].self_attn) is TrainingAttention

@@ -28,7 +28,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from conftest import training_text  # noqa: E402
-from ondevice_lora.generate import SamplingConfig  # noqa: E402
+from ondevice_lora.config import SamplingConfig  # noqa: E402
 from ondevice_lora.runtime.access import Access  # noqa: E402
 from ondevice_lora.runtime.server import build_server  # noqa: E402
 from ondevice_lora.web.app import WebApp  # noqa: E402

@@ -25,7 +25,6 @@ job must also be sent as JSON, which a plain HTML form cannot do.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 import traceback
@@ -42,14 +41,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..config import MIN_DEFAULT_STEPS, LoraConfig, PersonalizeConfig, TrainConfig, default_of
 from ..demo import task_answers
 from ..errors import OdloraError
 from ..exporters.export import pack
+from ..formats.adapter_ids import RULE as ADAPTER_ID_RULE, is_adapter_id
 from ..formats.targets import target
-from ..lora import LoraConfig
-from ..personalize import PersonalizeConfig, personalize
+from ..personalize import personalize
 from ..samples import SAMPLE_TASKS, exact_match, load_examples, sample_path
-from ..train import TrainConfig
 from ..runtime.engine import Runtime
 from ..runtime.openai_schema import APIError, Schema, parse_body
 from ..runtime.server import FiniteJSONResponse, read_body
@@ -60,7 +59,6 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 # The page loads nothing from elsewhere, and the browser holds it to that.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}"  # an adapter id that is also a safe file name
 DATA_SUFFIXES = (".txt", ".jsonl")
 MAX_DATA_BYTES = 64 * 2**20
 MAX_STEPS = 2000
@@ -103,8 +101,8 @@ class JobRequest(Schema):
     """A job request's body; its data is exactly one of `sample`, `path` or `upload` (see `read_job`)."""
 
     name: str
-    steps: int = Field(40, ge=1, le=MAX_STEPS)
-    rank: Optional[int] = None  # default: 8, or the export's slot rank when smaller
+    steps: int = Field(MIN_DEFAULT_STEPS, ge=1, le=MAX_STEPS)
+    rank: Optional[int] = None  # default: LoraConfig's, or the export's slot rank when smaller
     eval_examples: int = Field(20, ge=0, le=MAX_EVAL_EXAMPLES)
     sample: Optional[str] = None
     path: Optional[str] = None
@@ -113,9 +111,8 @@ class JobRequest(Schema):
     @field_validator("name")
     @classmethod
     def adapter_id(cls, name: str) -> str:
-        if not re.fullmatch(NAME_PATTERN, name) or name == "base":
-            raise PydanticCustomError("invalid_value", "use 1-40 letters, digits, '_', '-' or '.', starting with a "
-                                                       "letter or digit, and not `base`")
+        if not is_adapter_id(name):
+            raise PydanticCustomError("invalid_value", ADAPTER_ID_RULE)
         return name
 
 
@@ -182,7 +179,7 @@ def read_job(body: JobRequest, rt: Runtime) -> JobSpec:
     """The job a request asks for, checked against this export and this machine (a 400 naming the
     field otherwise; `JobRequest` has checked the types and fixed ranges)."""
     max_rank = rt.manifest["slots"]["max_rank"]
-    rank = min(8, max_rank) if body.rank is None else body.rank
+    rank = min(default_of(LoraConfig, "rank"), max_rank) if body.rank is None else body.rank
     if not 1 <= rank <= max_rank:
         raise APIError(400, f"'rank' must be from 1 to {max_rank} (the export's adapter slots), got {rank}",
                        param="rank", code="invalid_value")

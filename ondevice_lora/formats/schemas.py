@@ -27,6 +27,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, RootModel, V
 from pydantic_core import PydanticCustomError
 
 from ..errors import OdloraError
+from .adapter_ids import RULE as ADAPTER_ID_RULE, is_adapter_id
 from ..user_files import read_regular_file
 
 MAX_JSON_BYTES = 64 * 2**20  # far above any file odlora writes; a larger one is not ours
@@ -57,6 +58,12 @@ def _hex64(value: str) -> str:
 def _fingerprint(value: str) -> str:
     if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
         raise ValueError("must be 'sha256:' and 64 lowercase hex digits (a base fingerprint)")
+    return value
+
+
+def _adapter_id(value: str) -> str:
+    if not is_adapter_id(value):
+        raise ValueError(f"adapter id {value!r}: {ADAPTER_ID_RULE}")
     return value
 
 
@@ -310,7 +317,7 @@ class PromptTemplate(Schema):
 
 
 class BundleAdapter(Schema):
-    id: str
+    id: Annotated[str, AfterValidator(_adapter_id)]
     file: BundlePath
     rank: Optional[Rank] = None
     metrics: Free = {}

@@ -3,7 +3,8 @@
 A target is a device runtime we export the base for. Its two sides are modules of their own:
 
     exporters/<name>.py   export_program(model, spec, out_dir, quant, max_seq_len, config, **options) -> dict
-                          (the manifest's target fields) and pack_slots(slots, manifest, out_file)
+                          (the manifest's target fields), pack_slots(slots, manifest, out_file) and
+                          FAMILIES, the model families it exports (`models.family_of`)
     runtime/<name>.py     read_slots(path, manifest) -> slot tensors (any target's blobs feed blends and
                           the torch reference) and, where it runs here, a `Backend` subclass `BACKEND`
 

@@ -6,7 +6,9 @@ plain tensor ops that torch.export, ONNX, ExecuTorch and Core ML all capture.
 
 Parameter names mirror Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
 checkpoint loads by name and LoRA adapters carry PEFT's key names. This file knows nothing of
-LoRA: `ondevice_lora.lora.apply_lora` swaps the `nn.Linear` layers afterwards.
+LoRA: `ondevice_lora.lora.apply_lora` swaps the `nn.Linear` layers afterwards. Training on
+PyTorch swaps in leaner autograd versions of a few steps (`training_ops.use_training_ops`), which
+override the small methods below (`RMSNorm.forward`, `Attention.rotate`/`attend`, `MLP.activate`).
 
     model = Model(ModelArgs.from_hf_config(json.load(open("config.json"))))
     logits = model(tokens)                     # (B, T, vocab), full causal attention
@@ -24,9 +26,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from . import training_ops
-from .training_ops import rotate_half
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -101,8 +100,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if training_ops.active():
-            return training_ops.RMSNormFunction.apply(x, self.weight, self.eps)
         # Normalise in fp32 as the reference does; matters once activations are bf16.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -130,10 +127,13 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return inv_freq
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, nh, T, hd); cos/sin: (B or 1, 1, T, hd). HF's "rotate half" layout, not interleaved.
-    if training_ops.active():
-        return training_ops.RopeFunction.apply(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 
 
@@ -174,13 +174,18 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, max_seq, hd)
             k, v = k[:B], v[:B]
-        attention = training_ops.grouped_attention if training_ops.active() else repeated_kv_attention
-        y = attention(q, k, v, mask)  # (B, nh, T, hd)
+        y = self.attend(q, k, v, mask)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def rotate(self, x, cos, sin):
+        return apply_rope(x, cos, sin)
+
+    def attend(self, q, k, v, mask):
+        return repeated_kv_attention(q, k, v, mask)
 
 
 def repeated_kv_attention(q, k, v, mask):
@@ -202,10 +207,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if training_ops.active():
-            return self.down_proj(training_ops.SwiGLUFunction.apply(gate, up))
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+        return self.down_proj(self.activate(self.gate_proj(x), self.up_proj(x)))
+
+    def activate(self, gate, up):
+        return F.silu(gate) * up  # SwiGLU
 
 
 class DecoderLayer(nn.Module):

@@ -9,19 +9,18 @@ as Unsloth's and Liger's kernels do. Forward results are bit-identical to the pl
 `grouped_attention` lays out grouped-query attention so that PyTorch's CPU flash kernel runs
 fewer, longer problems.
 
-They are used only while autograd records a graph in eager mode (`active()`): inference and
-every export trace the plain ops in `llama.py`, which all runtimes take.
+`use_training_ops(model)` swaps them into a model built by `llama.py` for eager training on
+PyTorch; a model that is exported or compiled keeps the plain ops, which all runtimes take.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-
-def active() -> bool:
-    """Eager training: autograd is recording, and no compiler or exporter is tracing."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+from . import llama
+from .llama import apply_rope, rotate_half
 
 
 def grouped_attention(q, k, v, mask):
@@ -43,11 +42,6 @@ def grouped_attention(q, k, v, mask):
     mask = mask.reshape(-1, 1, T, S).repeat(1, 1, n_rep, 1)  # (B or 1, 1, n_rep * T, S)
     y = F.scaled_dot_product_attention(q.reshape(B, n_kv, n_rep * T, hd), k, v, attn_mask=mask)
     return y.view(B, n_heads, T, hd)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,7 +78,7 @@ class RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return x * cos + rotate_half(x) * sin
+        return apply_rope(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
@@ -108,3 +102,37 @@ class SwiGLUFunction(torch.autograd.Function):
         grad_up = grad * F.silu(gate)
         grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
         return grad_gate, grad_up
+
+
+# -- the model's modules with these functions: same parameters, same forward results -------------
+
+class TrainingRMSNorm(llama.RMSNorm):
+    def forward(self, x):
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class TrainingAttention(llama.Attention):
+    def rotate(self, x, cos, sin):
+        return RopeFunction.apply(x, cos, sin)
+
+    def attend(self, q, k, v, mask):
+        return grouped_attention(q, k, v, mask)
+
+
+class TrainingMLP(llama.MLP):
+    def activate(self, gate, up):
+        return SwiGLUFunction.apply(gate, up)
+
+
+TRAINING_CLASSES = {llama.RMSNorm: TrainingRMSNorm, llama.Attention: TrainingAttention, llama.MLP: TrainingMLP}
+
+
+def use_training_ops(model: nn.Module) -> nn.Module:
+    """Give `model`'s norms, attention and MLPs the lean training functions, in place; returns it.
+
+    Only a module of exactly the plain class is swapped: an exporter's rewrite (a subclass) is left alone.
+    """
+    for module in model.modules():
+        if type(module) in TRAINING_CLASSES:
+            module.__class__ = TRAINING_CLASSES[type(module)]
+    return model

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <regex>
 
 #include "errors.hpp"
 
@@ -101,8 +102,16 @@ void Engine::add_adapter_bundle(const std::string& path) {
   for (const auto& a : extra.adapters) register_adapter(a.id, a.path, a.raw);
 }
 
+// The rule of ondevice_lora/formats/adapter_ids.py: an id a request can name and a file can carry.
+static void check_adapter_id(const std::string& id) {
+  static const std::regex pattern("[A-Za-z0-9][A-Za-z0-9_.-]{0,63}");
+  if (id == "base" || !std::regex_match(id, pattern))
+    throw Error("adapter id '" + id + "': use 1-64 letters, digits, '_', '-' or '.', starting with a letter or "
+                "digit, and not `base` (`base` names the model without adapters; ':' and '+' write blends)");
+}
+
 void Engine::register_adapter(const std::string& id, const std::string& blob_path, bool raw) {
-  if (id.empty() || id == "base") throw Error("adapter id '" + id + "' is reserved or empty");
+  check_adapter_id(id);
   auto slots = SlotTensors::read(blob_path, spec_, bundle_.base_fingerprint);
   adapters_[id] = std::make_unique<LoadedSlots>(std::move(slots), spec_, slot_inputs_);
   if (raw) raw_adapters_.insert(id);

@@ -1,0 +1,35 @@
+"""The `odlora` command group, and `main`, which turns errors into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..cli_types import click_error_line
+from ..errors import OdloraError
+
+# Library errors name a parameter (OdloraError.param); the flag that sets it is `--param-name`, but for these:
+FLAGS = {"prompt_format": "--format", "use_rslora": "--rslora", "eval_examples": "--examples", "allow_hosts": "--allow-host"}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="ondevice-lora")
+def cli():
+    """On-device personalisation with LoRA: train adapters on a frozen base, export it once, swap adapters."""
+
+
+
+def main():
+    try:
+        cli.main(standalone_mode=False)
+    except OdloraError as e:
+        click.echo(f"odlora: error: {e.for_cli(FLAGS)}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("odlora: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"odlora: error: {click_error_line(e)}", err=True)
+        sys.exit(2)
+
