@@ -2,17 +2,21 @@
 
     ODLORA_HOME=/tmp/oh python bench/bench_onnx_decode.py                       # int4, 2 threads
     ODLORA_HOME=/tmp/oh python bench/bench_onnx_decode.py --quant int8 --work /tmp/onnx-bench
+    ODLORA_HOME=/tmp/oh python bench/bench_onnx_decode.py --against /tmp/old/onnx-int4-s512   # two exports, in turns
 
 Setup (kept in --work and reused): one `export()` of the default base to ONNX (slots r <= 16 on all
-seven linears, --max-seq-len). Then, on one InferenceSession with --threads threads:
+seven linears, --max-seq-len). Then, with --threads threads, --rounds rounds in which each export
+(this one, and --against if given) takes its turn; medians over the rounds:
 
 1. Decode speed: prefill --prompt-tokens tokens of the shipped general text, then --tokens one-token
-   steps, the best of --rounds rounds: ms per step and steps/s, the graph alone (no sampling,
-   detokenising or Python runtime around it).
-2. Profile: the same steps again with ONNX Runtime's profiler on; the time of every node, summed
+   steps on the runtime's per-request path (`OnnxSequence`): ms per step and steps/s (no sampling,
+   detokenising or request handling around it).
+2. End to end: `Runtime.generate` of --tokens greedy tokens after the same prompt, as a request
+   sees it (sampling, detokenising and the runtime's per-request work included): decode tokens/s.
+3. Profile: the same steps again with ONNX Runtime's profiler on; the time of every node, summed
    per op type and divided by the steps: where a step goes (MatMulNBits, attention's MatMuls and
    Softmax, the cache's ScatterElements, ...).
-3. The physical limit: the bytes a decode step must read (every initializer but the embedding
+4. The physical limit: the bytes a decode step must read (every initializer but the embedding
    table, of which one row is read, plus the KV cache the step attends over) against this
    machine's memory bandwidth (the best of 5 copies of a 1 GiB buffer, counted as read + write).
 
@@ -53,16 +57,30 @@ def prompt_ids(export_dir: Path, n: int) -> list[int]:
 
 
 def decode_steps(session, prompt: list[int], tokens: int) -> list[float]:
-    """Seconds per one-token step after prefilling `prompt` (greedy on the graph's own logits)."""
-    caches = session.new_cache()
-    logits, caches = session.forward([prompt], range(len(prompt)), caches)
-    token, times = int(logits[0, -1].argmax()), []
+    """Seconds per one-token step after prefilling `prompt` (greedy on the graph's own logits), on
+    the runtime's per-request path (`OnnxSequence`: in-place caches where the export has them)."""
+    from ondevice_lora.runtime.onnx import OnnxSequence
+
+    sequence = OnnxSequence(session, None)
+    token, times = int(sequence.forward(prompt, 0).argmax()), []
     for pos in range(len(prompt), len(prompt) + tokens):
         t0 = time.perf_counter()
-        logits, caches = session.forward([[token]], [pos], caches)
+        logits = sequence.forward([token], pos)
         times.append(time.perf_counter() - t0)
-        token = int(logits[0, -1].argmax())
+        token = int(logits.argmax())
     return times
+
+
+def end_to_end(rt, prompt: list[int], tokens: int) -> tuple[float, int]:
+    """Decode tokens/s of `Runtime.generate` (prefill excluded), greedy, and the tokens it made
+    (up to `tokens`; the base's end-of-text token stops it sooner)."""
+    from ondevice_lora.config import SamplingConfig
+
+    text = rt.tokenizer.decode(prompt)
+    result = rt.generate(text, sampling=SamplingConfig(max_new_tokens=tokens, stop=[]), chat=False)
+    if len(result.token_ids) < 2:
+        sys.exit("the base stopped at once: use another --prompt-tokens")
+    return (len(result.token_ids) - 1) / (result.seconds - result.prefill_seconds), len(result.token_ids)
 
 
 def profile_ops(export_dir: Path, threads: int, prompt: list[int], tokens: int) -> dict[str, float]:
@@ -139,18 +157,33 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "odlora-onnx-bench")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another ONNX export (e.g. one an earlier version wrote) timed in the same rounds")
     args = parser.parse_args()
     print("$ python " + shlex.join(sys.argv), flush=True)
 
+    from ondevice_lora.runtime import Runtime
     from ondevice_lora.runtime.onnx import OnnxSession
 
     export_dir = export_once(args)
     prompt = prompt_ids(export_dir, args.prompt_tokens)
-    session = OnnxSession(export_dir, threads=args.threads, verify=False)
-    rounds = [decode_steps(session, prompt, args.tokens) for _ in range(args.rounds)]
-    step = min(statistics.median(r) for r in rounds)
-    print(f"\ndecode, {args.quant}, {args.threads} threads, after {len(prompt)} prompt tokens, {args.tokens} steps, "
-          f"best median of {args.rounds} rounds: {step * 1e3:.2f} ms/step = {1 / step:.1f} steps/s")
+    exports = [export_dir] + ([args.against] if args.against else [])
+    opened = {d: (OnnxSession(d, threads=args.threads, verify=False), Runtime.open(d, threads=args.threads, verify=False))
+              for d in exports}
+    steps, e2e = defaultdict(list), defaultdict(list)
+    for _ in range(args.rounds):  # the exports take turns in every round
+        for d, (session, rt) in opened.items():
+            steps[d].append(statistics.median(decode_steps(session, prompt, args.tokens)))
+            e2e[d].append(end_to_end(rt, prompt, args.tokens))
+    del opened
+    print(f"\ndecode, {args.threads} threads, after {len(prompt)} prompt tokens, {args.tokens} steps, medians of "
+          f"{args.rounds} rounds (graph: the runtime's per-step call; end to end: Runtime.generate, greedy)")
+    print(f"{'export':<48} {'ms/step':>8} {'steps/s':>8} {'e2e tok/s':>10} {'tokens':>7}")
+    for d in exports:
+        step = statistics.median(steps[d])
+        rate, made = statistics.median(r for r, _ in e2e[d]), e2e[d][0][1]
+        print(f"{str(d):<48} {step * 1e3:>8.2f} {1 / step:>8.1f} {rate:>10.1f} {made:>7}")
+    step = statistics.median(steps[export_dir])
 
     per_op = profile_ops(export_dir, args.threads, prompt, args.tokens)
     total = sum(per_op.values())

@@ -11,10 +11,13 @@ The graph, one for prefill and decode (T is dynamic, the cache length is fixed):
       -> (logits[1,T,vocab], present_key_0, present_value_0, ...)
 
 Rewrites before torch.export, pure functions on the model (the model file stays export-generic):
-`replace_attention_with_grouped` (GQA without copying the cache per query head) and
-`replace_kv_cache_with_io` (ONNX Runtime wants a functional graph: past-in / present-out
-tensors instead of in-place buffers; present = past with positions `input_pos` overwritten,
-and the runtime feeds present back as the next call's past). The slotted linears are
+`replace_attention_with_fused` (each layer's attention as one ONNX Runtime GroupQueryAttention
+node: RoPE, cache update and grouped-query attention over the filled positions; see
+`onnx_attention.py`) and `replace_kv_cache_with_io` (ONNX Runtime wants a functional graph:
+past-in / present-out tensors instead of in-place buffers; present = past with positions
+`input_pos` overwritten). A runtime feeds present back as the next call's past, or binds both to
+one buffer, which the node then updates in place (`runtime/onnx.py`; the manifest's
+`cache_layout.in_place`). The slotted linears are
 `models.slots.SlottedModel`'s, fed one graph input per layer (see `CacheIOModel` for why).
 
 Slots: every slot input also has an all-zero *sparse* initializer of the same name. ONNX Runtime
@@ -44,9 +47,10 @@ from torch import nn
 from ..errors import OdloraError
 from ..formats.blobs import ONNX_ADAPTER_VERSION, onnx_model_version, onnx_slot_shapes
 from ..formats.slots import SlotSpec
-from ..models.llama import Attention, apply_rope
+from ..models.llama import Attention
 from ..models.slots import SlottedModel, zero_slots
 from ..quiet import quiet
+from .onnx_attention import check_head_dim, translations
 from .onnx_quant import quantize_weights
 
 QUANTS = ("fp32", "int8", "int4")
@@ -59,21 +63,13 @@ OPSET = 21
 # -- graph rewrites (pure functions, applied before torch.export) -------------------------------
 
 class KVCacheIO:
-    """A functional stand-in for `KVCache`: reads the past from `k_cache`/`v_cache` (set per call
-    to graph inputs) and keeps the updated copies in `present` instead of writing in place."""
+    """A functional stand-in for `KVCache`: the past caches are graph inputs (set per call) and the
+    attention keeps the updated ones in `present`, which become graph outputs."""
 
     def __init__(self):
         self.k_cache: Optional[torch.Tensor] = None  # (B, n_kv, max_seq, hd), a graph input
         self.v_cache: Optional[torch.Tensor] = None
         self.present: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos: (T,), k/v: (B, n_kv, T, hd). `scatter` on the sequence axis lowers to one
-        # ScatterElements (a copy of the cache plus T rows); `index_copy` lowers to ScatterND
-        # between two transposes of the whole cache, three copies per cache per layer.
-        index = input_pos.view(1, 1, -1, 1).expand_as(k)
-        self.present = (self.k_cache.scatter(2, index, k), self.v_cache.scatter(2, index, v))
-        return self.present
 
 
 def replace_kv_cache_with_io(model: nn.Module) -> list[KVCacheIO]:
@@ -87,39 +83,36 @@ def replace_kv_cache_with_io(model: nn.Module) -> list[KVCacheIO]:
     return caches
 
 
-class GroupedQueryAttention(Attention):
-    """The same attention, written so that the ONNX graph never copies the KV cache per head.
+class FusedAttention(Attention):
+    """The same attention as one GroupQueryAttention node (`onnx_attention.py`): RoPE, the cache
+    update and grouped-query attention over the filled positions. `rope` holds the (cos, sin)
+    tables of the export's positions, the graph's constants."""
 
-    `repeat_interleave` of k/v to n_heads lowers to an Expand of the whole cache (n_heads/n_kv
-    copies) and SDPA's decomposition transposes and rescales the whole expanded K. Here the
-    queries carry a group axis instead, q (B, n_kv, rep, T, hd) against k (B, n_kv, 1, S, hd)
-    by broadcasting, and the scale goes on q alone. Same maths as `Attention`.
-    """
+    rope: tuple[torch.Tensor, torch.Tensor]
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        rep = self.n_heads // self.n_kv_heads
-        q = self.q_proj(x).view(B, T, self.n_kv_heads, rep, self.head_dim)  # query head = kv·rep + r
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.permute(0, 2, 3, 1, 4)  # (B, n_kv, rep, T, hd)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, n_kv, T, hd)
-        q, k = apply_rope(q, cos[:, :, None], sin[:, :, None]), apply_rope(k, cos, sin)
-        k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
-        scores = (q * self.head_dim ** -0.5) @ k.transpose(-1, -2)[:, :, None]  # (B, n_kv, rep, T, S)
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask (1, 1, T, S)
-        y = torch.softmax(scores, dim=-1) @ v[:, :, None]  # (B, n_kv, rep, T, hd)
-        return self.o_proj(y.permute(0, 3, 1, 2, 4).reshape(B, T, -1))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if hasattr(self, "q_norm"):  # Qwen3: each head normalised before RoPE
+            q = self.q_norm(q.view(B, T, -1, self.head_dim)).reshape(B, T, -1)
+            k = self.k_norm(k.view(B, T, -1, self.head_dim)).reshape(B, T, -1)
+        cache = self.kv_cache
+        y, present_k, present_v = torch.ops.odlora.group_query_attention(
+            q, k, v, cache.k_cache, cache.v_cache, input_pos, *self.rope, self.n_heads, self.n_kv_heads)
+        cache.present = (present_k, present_v)
+        return self.o_proj(y)
 
 
-def replace_attention_with_grouped(model: nn.Module) -> None:
-    """Swap every `Attention` for `GroupedQueryAttention` (same modules and weights, new forward)."""
+def replace_attention_with_fused(model: nn.Module, max_seq_len: int) -> None:
+    """Swap every `Attention` for `FusedAttention` (same modules and weights, new forward)."""
+    check_head_dim(model.args.head_dim)
+    half = model.args.head_dim // 2  # llama.py's tables repeat each frequency in both halves
+    rope = (model.rope_cos[:max_seq_len, :half].contiguous(), model.rope_sin[:max_seq_len, :half].contiguous())
     for layer in model.model.layers:
         if type(layer.self_attn) is not Attention:
             raise OdloraError(f"cannot export attention of type {type(layer.self_attn).__name__} to onnx")
-        layer.self_attn.__class__ = GroupedQueryAttention
+        layer.self_attn.__class__ = FusedAttention
+        layer.self_attn.rope = rope
 
 
 def cache_names(n_layers: int, prefix: str) -> list[str]:
@@ -141,9 +134,9 @@ class CacheIOModel(nn.Module):
     (1 thread, CPU time, default base, r <= 16 on all seven linears).
     """
 
-    def __init__(self, model: nn.Module, spec: SlotSpec):
+    def __init__(self, model: nn.Module, spec: SlotSpec, max_seq_len: int):
         super().__init__()
-        replace_attention_with_grouped(model)
+        replace_attention_with_fused(model, max_seq_len)
         self.caches = replace_kv_cache_with_io(model)
         self.slotted = SlottedModel(model, spec)
 
@@ -181,7 +174,7 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
         raise OdloraError(f"{quant!r} is not supported for onnx (choose from {', '.join(QUANTS)})", param="quant")
     a = model.args
     cache_shape = [1, a.n_kv_heads, max_seq_len, a.head_dim]
-    graph = CacheIOModel(model, spec).eval()
+    graph = CacheIOModel(model, spec, max_seq_len).eval()
     T = min(3, max_seq_len)  # not 1: torch.export would specialise T to the example's size
     caches = [torch.zeros(cache_shape) for _ in range(2 * a.n_layers)]
     slots = per_layer_slots(zero_slots(spec), spec).values()
@@ -193,7 +186,8 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
     with torch.no_grad(), quiet_toolchain():
         program = torch.export.export(graph, example, dynamic_shapes=dynamic, strict=False)
         onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=inputs, output_names=outputs,
-                                         opset_version=OPSET, optimize=False, verbose=False)
+                                         opset_version=OPSET, optimize=False, verbose=False,
+                                         custom_translation_table=translations())
         light_optimize(onnx_program.model)
         proto = onnx_program.model_proto
     del onnx_program, program
@@ -214,6 +208,7 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
             "past": cache_names(a.n_layers, "past"), "present": cache_names(a.n_layers, "present"),
             "shape": cache_shape, "dtype": "float32", "position_axis": 2,
             "update": "present = past with positions input_pos overwritten; feed present as the next past",
+            "in_place": True,  # present may be bound to past's buffer (IO binding): the rows are written there
         },
         "slot_inputs": spec.per_layer_names(),
         "slot_input_layout": "<slot>.<layer> is layer <layer> of the stacked slot tensor <slot> (slots.layout)",

@@ -53,8 +53,22 @@ class OnnxSession:
     def max_seq_len(self) -> int:
         return self.cache_layout["shape"][2]
 
+    @property
+    def in_place(self) -> bool:
+        """Whether present may share past's buffer (the graph updates the cache in place)."""
+        return self.cache_layout.get("in_place", False)
+
     def load_adapter(self, path: Path):
-        """Check an `.onnx_adapter` file against this export and memory-map it."""
+        """Check an `.onnx_adapter` file against this export and memory-map it (a LoraAdapter)."""
+        import onnxruntime as ort
+
+        self.read_adapter(path)  # checked; ORT maps the file itself
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        return adapter
+
+    def read_adapter(self, path: Path):
+        """Check an `.onnx_adapter` file against this export; returns its AdapterFormat (in memory)."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -73,10 +87,7 @@ class OnnxSession:
             name = sorted(set(shapes) ^ set(self.slot_shapes)) or [n for n in shapes if shapes[n] != self.slot_shapes[n]]
             raise OdloraError(f"{path}: its tensors do not match this export's slots (first difference: {name[0]}, "
                               f"{shapes.get(name[0])} vs {self.slot_shapes.get(name[0])}); pack it against this export")
-        del params, fmt
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
-        return adapter
+        return fmt
 
     def new_cache(self) -> list:
         import onnxruntime as ort
@@ -159,8 +170,16 @@ class OnnxBackend(Backend):
         self.session = OnnxSession(export_dir, threads=threads, verify=False)  # the runtime verified it
 
     def load_packed(self, path: Path) -> Loaded:
-        lora = self.session.load_adapter(path)  # checks the base (model version) and the slot shapes
-        return Loaded(OnnxAdapter(lora=lora), Path(path).stat().st_size)  # memory-mapped: the file's bytes
+        size = Path(path).stat().st_size
+        if self.session.in_place:
+            # ONNX Runtime's IO binding, which the in-place cache needs, ignores a RunOptions' active
+            # LoraAdapter (measured on ORT 1.32): its tensors are bound as plain inputs instead.
+            fmt = self.session.read_adapter(path)  # checks the base (model version) and the slot shapes
+            adapter = OnnxAdapter(feeds=fmt.get_parameters())
+            adapter.arrays = fmt  # the parameters' memory
+            return Loaded(adapter, size)
+        lora = self.session.load_adapter(path)
+        return Loaded(OnnxAdapter(lora=lora), size)  # memory-mapped: the file's bytes
 
     def from_slots(self, slots: dict[str, torch.Tensor]) -> Loaded:
         import onnxruntime as ort
@@ -178,10 +197,18 @@ class OnnxBackend(Backend):
 
 
 class OnnxSequence:
+    """One request's state on the shared session: its KV caches and its adapter's run options.
+
+    On an export whose caches update in place (`cache_layout.in_place`) each step binds every
+    past input and its present output to the same buffer (IO binding), so a decode step writes
+    its new rows where they are, instead of returning a copy of every layer's cache.
+    """
+
     def __init__(self, session, adapter: Optional[OnnxAdapter]):
         import onnxruntime as ort
 
         self.session, self.caches = session, session.new_cache()
+        self.in_place = session.in_place
         self.extra = adapter.feeds if adapter is not None else {}
         self.options = None
         if adapter is not None and adapter.lora is not None:
@@ -198,9 +225,23 @@ class OnnxSequence:
         feeds = {"tokens": ort.OrtValue.ortvalue_from_numpy(tokens),
                  "input_pos": ort.OrtValue.ortvalue_from_numpy(np.arange(start, start + tokens.shape[1], dtype=np.int64)),
                  **dict(zip(s.cache_layout["past"], self.caches)), **self.extra}
-        out = s.session.run_with_ort_values(s.output_names, feeds, self.options)
-        self.caches = list(out[1:])  # present -> next call's past
-        return torch.from_numpy(out[0].numpy()[0, -1].copy())
+        if self.in_place:
+            logits = self._run_in_place(feeds)
+        else:
+            out = s.session.run_with_ort_values(s.output_names, feeds, self.options)
+            logits, self.caches = out[0], list(out[1:])  # present -> next call's past
+        return torch.from_numpy(logits.numpy()[0, -1].copy())
+
+    def _run_in_place(self, feeds: dict):
+        s = self.session
+        binding = s.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")  # first: get_outputs() lists the outputs in the order they were bound
+        for present, cache in zip(s.cache_layout["present"], self.caches):
+            binding.bind_ortvalue_output(present, cache)
+        s.session.run_with_iobinding(binding, self.options)
+        return binding.get_outputs()[0]
 
 
 BACKEND = OnnxBackend

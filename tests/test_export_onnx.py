@@ -113,6 +113,68 @@ def max_diff(xs, ys):
 
 # -- graph rewrites ------------------------------------------------------------------------------
 
+def test_attention_is_one_node_per_layer_without_a_cache_copy(exports):
+    import onnx
+
+    model = onnx.load(str(exports["fp32"] / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    n_layers = load_base(str(exports["model_dir"])).model.args.n_layers
+    assert ops.count("GroupQueryAttention") == n_layers
+    assert not {"ScatterElements", "ScatterND", "Softmax"} & set(ops)  # no cache copy, no attention of its own
+    assert json.loads((exports["fp32"] / "manifest.json").read_text())["onnx"]["cache_layout"]["in_place"] is True
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["one buffer", "present fed back"])
+def test_group_query_attention_node_matches_its_reference(tmp_path, in_place):
+    """ONNX Runtime's kernel against the op's eager body (llama.py's RoPE and attention), over a
+    prefill and decode steps: with past and present in one buffer, and with present fed back."""
+    import onnxruntime as ort
+
+    from ondevice_lora.exporters.onnx import OPSET
+    from ondevice_lora.exporters.onnx_attention import translations
+
+    heads, kv_heads, hd, positions = 4, 2, 16, 32
+    angles = torch.arange(positions)[:, None].float() * (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v, input_pos, past_k, past_v):
+            return torch.ops.odlora.group_query_attention(q, k, v, past_k, past_v, input_pos, angles.cos(),
+                                                          angles.sin(), heads, kv_heads)
+
+    T = torch.export.Dim("T", min=1, max=positions)
+    cache = torch.zeros(1, kv_heads, positions, hd)
+    example = (torch.randn(1, 3, heads * hd), torch.randn(1, 3, kv_heads * hd), torch.randn(1, 3, kv_heads * hd),
+               torch.arange(3), cache, cache.clone())  # two tensors: torch.export would make one input of one
+    program = torch.export.export(Layer(), example, dynamic_shapes=({1: T}, {1: T}, {1: T}, {0: T}, None, None))
+    torch.onnx.export(program, (), dynamo=True, input_names=["q", "k", "v", "input_pos", "past_k", "past_v"],
+                      output_names=["y", "present_k", "present_v"], custom_translation_table=translations(),
+                      opset_version=OPSET, verbose=False).save(str(tmp_path / "gqa.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "gqa.onnx"), providers=["CPUExecutionProvider"])
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 9, heads * hd), torch.randn(1, 9, kv_heads * hd), torch.randn(1, 9, kv_heads * hd)
+    expected_k = expected_v = cache
+    buffers = [ort.OrtValue.ortvalue_from_numpy(cache.numpy().copy()) for _ in range(2)]
+    for start, end in [(0, 5), (5, 6), (6, 7), (7, 9)]:
+        pos = torch.arange(start, end)
+        args = (q[:, start:end], k[:, start:end], v[:, start:end], pos)
+        expected, expected_k, expected_v = torch.ops.odlora.group_query_attention(
+            *args[:3], expected_k, expected_v, pos, angles.cos(), angles.sin(), heads, kv_heads)
+        binding = session.io_binding()
+        for name, value in zip(["q", "k", "v", "input_pos"], args):
+            binding.bind_cpu_input(name, value.numpy())
+        for name, buffer in zip(["past_k", "past_v"], buffers):
+            binding.bind_ortvalue_input(name, buffer)
+        binding.bind_output("y")
+        for name, buffer in zip(["present_k", "present_v"], buffers):
+            binding.bind_ortvalue_output(name, buffer) if in_place else binding.bind_output(name)
+        session.run_with_iobinding(binding)
+        y, *present = binding.get_outputs()
+        if not in_place:
+            buffers = present
+        assert np.abs(y.numpy() - expected.numpy()).max() < 1e-5
+        assert np.abs(buffers[0].numpy() - expected_k.numpy()).max() < 1e-6
+
+
 def test_replace_kv_cache_with_io_is_functional(exports):
     model = load_base(str(exports["model_dir"])).model
     model.setup_cache(1, MAX_SEQ)

@@ -223,6 +223,7 @@ class CacheLayout(Schema):
     past: list[str]  # the KV cache inputs, one per layer and key/value
     present: list[str]
     shape: Annotated[list[Count], Field(min_length=4, max_length=4)]  # (1, kv heads, positions, head dim)
+    in_place: bool = False  # present may share past's buffer (GroupQueryAttention updates it there)
 
 
 class OnnxFields(Schema):
