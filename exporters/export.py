@@ -117,7 +117,7 @@ def cached_training_program(base, lora, batch_size: int, seq_len: int, base_quan
 
 def check_out(out: Path, force: bool, base_path: Path) -> Path:
     """An export replaces only an export (with --force), never the base it reads."""
-    return check_output(out, EXPORT, force, {"--base": [base_path]})
+    return check_output(out, EXPORT, force, {"base": [base_path]})
 
 
 def write_manifest(tmp: Path, base, target: str, quant: str, started: float, fields: dict) -> dict:
@@ -139,7 +139,7 @@ def pack(adapter_dir: Path, export_dir: Path, out: Path, force: bool = False) ->
     The blob and its sidecar `<out>.json` replace a previous packed adapter only with `force`,
     and only as a pair (`atomic.staged_pair`); never a directory, another file or a path inside
     the adapter or the export."""
-    out = check_output(out, PACKED, force, {"adapter": [adapter_dir], "--export": [export_dir]})
+    out = check_output(out, PACKED, force, {"adapter_dir": [adapter_dir], "export_dir": [export_dir]})
     manifest = read_manifest(export_dir, verify=False)
     adapter = load_adapter(adapter_dir)
     check_base(adapter, manifest["base_fingerprint"], str(adapter_dir))

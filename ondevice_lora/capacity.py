@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .errors import OdloraError
+from .errors import OdloraError, named
 
 MIN_ROW = 8  # bounds.SEQ_LEN's floor: the shortest row worth suggesting
 
@@ -63,9 +63,9 @@ def check_training_memory(config: dict, batch_size: int, seq_len: int, dtype_byt
     if need <= available:
         return
     fits = available // per_token
-    raise OdloraError(f"--batch-size x --seq-len: {batch_size} x {seq_len} tokens would need about {gib(need)} "
-                      f"of activations and {gib(available)} is available; {fitting(fits, batch_size, seq_len)}"
-                      f"{'' if checkpointing else ', or add --activation-checkpointing'}")
+    raise OdloraError(f"{named('batch_size')} x {named('seq_len')}: {batch_size} x {seq_len} tokens would need about "
+                      f"{gib(need)} of activations and {gib(available)} is available; {fitting(fits, batch_size, seq_len)}"
+                      f"{'' if checkpointing else ', or add ' + named('activation_checkpointing')}")
 
 
 def fitting(tokens: int, batch_size: int, seq_len: int) -> str:
@@ -74,10 +74,10 @@ def fitting(tokens: int, batch_size: int, seq_len: int) -> str:
         return "not even one row of 8 tokens fits: free some memory"
     longest = tokens // batch_size // MIN_ROW * MIN_ROW
     if longest >= MIN_ROW:
-        return f"about {tokens:,} tokens per batch fit, e.g. --seq-len {longest} at --batch-size {batch_size}"
+        return f"about {tokens:,} tokens per batch fit, e.g. {named('seq_len')} {longest} at {named('batch_size')} {batch_size}"
     rows = max(1, tokens // seq_len)
     row = min(seq_len, tokens // MIN_ROW * MIN_ROW)
-    return f"about {tokens:,} tokens per batch fit, e.g. --batch-size {rows} at --seq-len {row}"
+    return f"about {tokens:,} tokens per batch fit, e.g. {named('batch_size')} {rows} at {named('seq_len')} {row}"
 
 
 def gib(n: int) -> str:

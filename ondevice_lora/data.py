@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 
 from .bounds import VAL_SPLIT
-from .errors import OdloraError
+from .errors import OdloraError, named
 from .prompts import has_chat_template, render_chat, resolve_prompt_format
 from .samples import SAMPLE_SPLITS, SAMPLE_TASKS, sample_path
 from .user_files import check_regular, mib, read_regular_file, stat_path
@@ -215,8 +215,9 @@ def _encode_object(where: str, obj, tokenizer, encoding: Encoding):
             return (kind, *_encode_messages(where, turns, tokenizer, on_prompt))
         return (kind, *_encode_plain(tokenizer, prompt + completion, loss_from=0 if on_prompt else len(prompt)))
     if encoding.prompt_format == "raw" and has_chat_template(tokenizer):
-        raise OdloraError(f'{where}: "messages" rows train through the chat template, which --format raw '
-                          f'leaves out; use "prompt"/"completion" rows or drop --format raw')
+        raw = f"{named('prompt_format')} raw"
+        raise OdloraError(f'{where}: "messages" rows train through the chat template, which {raw} '
+                          f'leaves out; use "prompt"/"completion" rows or drop {raw}')
     return (kind, *_encode_messages(where, obj["messages"], tokenizer, on_prompt))
 
 

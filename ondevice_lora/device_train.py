@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .data import IGNORE, PackedData
-from .errors import OdloraError
+from .errors import OdloraError, named
 from .formats.manifest import read_manifest
 from .formats.targets import TRAINING_TARGET
 from .config import LoraConfig
@@ -60,15 +60,15 @@ def check_program(manifest: dict, lora: LoraConfig, batch_size: int, seq_len: in
     """Refuse settings that the program was not exported with (they are baked into its graph)."""
     fields = manifest["executorch_train"]
     have = program_lora(manifest)
-    wanted = {"--rank": (lora.rank, have.rank), "--alpha": (lora.alpha, have.alpha),
-              "--targets": (",".join(lora.targets), ",".join(have.targets)),
-              "--layers": (lora.layers, have.layers), "--rslora": (lora.use_rslora, have.use_rslora),
-              "--batch-size": (batch_size, fields["batch_size"]), "--seq-len": (seq_len, fields["seq_len"]),
-              "--base-quant": (base_quant, fields.get("base_quant", "none"))}
-    for flag, (asked, exported) in wanted.items():
+    wanted = {"rank": (lora.rank, have.rank), "alpha": (lora.alpha, have.alpha),
+              "targets": (",".join(lora.targets), ",".join(have.targets)),
+              "layers": (lora.layers, have.layers), "use_rslora": (lora.use_rslora, have.use_rslora),
+              "batch_size": (batch_size, fields["batch_size"]), "seq_len": (seq_len, fields["seq_len"]),
+              "base_quant": (base_quant, fields.get("base_quant", "none"))}
+    for setting, (asked, exported) in wanted.items():
         if asked != exported:
-            raise OdloraError(f"--program {where} was exported with {flag} {exported}, not {asked}: "
-                              f"pass the same value or export another program")
+            raise OdloraError(f"{where} was exported with {named(setting)} {exported}, not {asked}: "
+                              f"pass the same value or export another program", param="program")
 
 
 # -- the engine the training loop drives --------------------------------------------------------

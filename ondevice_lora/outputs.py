@@ -1,6 +1,6 @@
 """What each command may write over: never what the user owns.
 
-    check_output(out, ADAPTER, force, inputs={"--data": [data], "--base": [base_path]})
+    check_output(out, ADAPTER, force, inputs={"data": [data], "base": [base_path]})
     with staged_output(out, ADAPTER) as tmp:
         write files into tmp                   # swapped in crash-safely (atomic.py)
 
@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 from .atomic import sidecar_of, staged_dir, staged_pair
-from .errors import OdloraError
+from .errors import OdloraError, named
+
+OUT = named("out")  # the output path, as its messages name it (--out on the CLI)
 
 MODEL_MARKER = "odlora-model.json"  # what `odlora merge` (and a converted base) adds to a Hugging Face directory
 
@@ -93,13 +95,13 @@ def check_kind(out: Path, kind: Kind) -> bool:
     directory) is there; refuses anything else."""
     taken = _taken(out, kind)
     if any(p.is_symlink() for p in taken):
-        raise OdloraError(f"--out {out}: is a symbolic link; give the path it points to, or another path")
+        raise OdloraError(f"{OUT} {out}: is a symbolic link; give the path it points to, or another path")
     if kind.paired and out.is_dir():
-        raise OdloraError(f"--out {out}: is a directory; give the file to write, e.g. {out}/NAME")
+        raise OdloraError(f"{OUT} {out}: is a directory; give the file to write, e.g. {out}/NAME")
     if not taken or (taken == [out] and out.is_dir() and not any(out.iterdir())):
         return False
     if not kind.matches(out):
-        raise OdloraError(f"--out {out}: exists and is not {kind.what} (no {kind.marker}); "
+        raise OdloraError(f"{OUT} {out}: exists and is not {kind.what} (no {kind.marker}); "
                           f"refusing to replace it: choose another path")
     return True
 
@@ -108,21 +110,21 @@ def check_output(out: Path, kind: Kind, force: bool = False,
                  inputs: Optional[Mapping[str, Iterable[Optional[Path]]]] = None) -> Path:
     """Refuse an `out` the command must not write (module docstring); returns it as a Path.
 
-    inputs: what the command reads, by the flag or argument that named it ({"--data": [path]});
-    None entries are skipped.
+    inputs: what the command reads, by the parameter that named it ({"data": [path]}; the CLI
+    prints it as its flag or argument); None entries are skipped.
     """
     out = Path(out)
-    for flag, paths in (inputs or {}).items():
+    for param, paths in (inputs or {}).items():
         for source in paths:
             if source is not None and (relation := _relation(out, Path(source))):
-                raise OdloraError(f"--out {out}: {relation} the {flag} input {source}; write somewhere else")
+                raise OdloraError(f"{OUT} {out}: {relation} the {named(param)} input {source}; write somewhere else")
     for parent in out.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise OdloraError(f"--out {out}: {parent} is not a directory")
+                raise OdloraError(f"{OUT} {out}: {parent} is not a directory")
             break
     if check_kind(out, kind) and not force:
-        raise OdloraError(f"--out {out}: {kind.what} already exists (use --force to replace it)")
+        raise OdloraError(f"{OUT} {out}: {kind.what} already exists (use {named('force')} to replace it)")
     return out
 
 

@@ -33,7 +33,7 @@ from .capacity import check_rank, check_seq_len, check_training_memory
 from .config import LoraConfig, PersonalizeConfig, parse_layers
 from .data import IGNORE, data_stats, pack, read_examples, split_examples
 from .devices import resolve_compute_dtype
-from .errors import OdloraError
+from .errors import OdloraError, named
 from .lora import apply_lora, match_targets
 from .outputs import ADAPTER, check_output
 from .prompts import resolve_prompt_format
@@ -72,7 +72,8 @@ def prepare_data(cfg: PersonalizeConfig, data: Path, tokenizer):
     else:
         train_ex, val_ex = split_examples(examples, cfg.val_split, cfg.training.seed)
     if not val_ex:
-        raise OdloraError("no validation examples: use --val-split > 0 with at least 2 examples, or --val-data")
+        raise OdloraError(f"no validation examples: use {named('val_split')} > 0 with at least 2 examples, "
+                          f"or {named('val_data')}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_packed, val_packed = pack(train_ex, cfg.seq_len, pad), pack(val_ex, cfg.seq_len, pad)
     stats = data_stats(train_ex, train_packed, files=len(examples.files), dropped=examples.dropped).to_dict()
@@ -93,8 +94,8 @@ def show_example(tokenizer, example) -> dict:
 def check_out(cfg: PersonalizeConfig, data: Path, out: Path, replace: bool) -> Path:
     """Refuse an --out that is or holds an input, or is anything but an adapter we may replace."""
     from_program = cfg.engine == "executorch" and cfg.program is not None
-    inputs = {"--data": [data], "--val-data": [cfg.val_data], "--program": [cfg.program],
-              "--base": [] if from_program else [resolve(cfg.base)]}
+    inputs = {"data": [data], "val_data": [cfg.val_data], "program": [cfg.program],
+              "base": [] if from_program else [resolve(cfg.base)]}
     return check_output(out, ADAPTER, replace, inputs)
 
 
@@ -176,8 +177,8 @@ def finite_factors(engine) -> dict:
     for name, pair in factors.items():
         for factor, tensor in pair.items():
             if not torch.isfinite(tensor).all():
-                raise OdloraError(f"training produced non-finite values in {name} lora_{factor}; lower --lr or "
-                                  f"--alpha (nothing was written to --out)")
+                raise OdloraError(f"training produced non-finite values in {name} lora_{factor}; lower {named('lr')} "
+                                  f"or {named('alpha')} (nothing was written to {named('out')})")
     return factors
 
 
@@ -212,8 +213,9 @@ def check_executorch_flags(cfg: PersonalizeConfig, lora: LoraConfig) -> None:
     if lora.dropout:
         raise OdloraError("is not supported by the executorch engine (the program has no random ops)", param="dropout")
     if cfg.base_quant not in ("none", "int8") or compute_dtype(cfg) != "fp32":
-        raise OdloraError("--engine executorch computes in fp32 on a base held as none (fp32) or int8: "
-                          "use --base-quant none|int8 --dtype fp32 (the defaults for this engine: none, fp32)")
+        raise OdloraError(f"executorch computes in fp32 on a base held as none (fp32) or int8: use "
+                          f"{named('base_quant')} none|int8 {named('dtype')} fp32 (the defaults for this engine: none, "
+                          f"fp32)", param="engine")
     if cfg.program is not None:
         check_program(read_program(Path(cfg.program)), lora, cfg.training.batch_size, cfg.seq_len, cfg.base_quant,
                       Path(cfg.program))

@@ -39,7 +39,7 @@ from .adapter import model_factors
 from .atomic import kill_point
 from .config import TrainConfig
 from .data import batches
-from .errors import OdloraError
+from .errors import OdloraError, named
 from .evaluate import evaluate_loss, token_loss
 from .models.training_ops import use_training_ops
 from .outputs import CHECKPOINT, staged_output
@@ -187,8 +187,8 @@ def sigint_deferred():
 
 def check_finite(step: int, what: str, value: float) -> None:
     if not math.isfinite(value):
-        raise OdloraError(f"training diverged at step {step}: the {what} is {value}; lower --lr or --alpha "
-                          f"(nothing was written to --out)")
+        raise OdloraError(f"training diverged at step {step}: the {what} is {value}; lower {named('lr')} or "
+                          f"{named('alpha')} (nothing was written to {named('out')})")
 
 
 def train(engine, train_data, val_data, cfg: TrainConfig, identity: dict, checkpoint_dir: Path,

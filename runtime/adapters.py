@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..atomic import pair_sidecar
-from ..errors import OdloraError
+from ..errors import OdloraError, named
 from ..formats.manifest import sha256_file
 from ..formats.schemas import PackedSidecar, read_json, to_dict
 from ..formats.slots import SlotSpec
@@ -163,7 +163,7 @@ def combine_slots(parts: list[tuple[str, dict[str, torch.Tensor], float]], spec:
         if sum(ranks) > R:
             stacked = " + ".join(f"{name} (rank {r})" for (name, _, _), r in zip(parts, ranks))
             raise OdloraError(f"blend {stacked} needs rank {sum(ranks)} in the {group} slots; this export's slots "
-                              f"hold rank <= {R} (blend fewer adapters or re-export with a larger --max-rank)")
+                              f"hold rank <= {R} (blend fewer adapters or re-export with a larger {named('max_rank')})")
         offset = 0
         for (_, slots, weight), r in zip(parts, ranks):
             for m in range(len(members)):

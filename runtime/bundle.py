@@ -35,7 +35,7 @@ from typing import Optional
 from .. import __version__
 from ..atomic import pair_sidecar
 from ..base import load_tokenizer
-from ..errors import OdloraError
+from ..errors import OdloraError, named
 from ..outputs import BUNDLE, check_output, staged_output
 from ..prompts import DEFAULT_PROMPT_FORMAT, has_chat_template, render_chat, stop_token_ids
 from ..formats.adapter_ids import check_adapter_id
@@ -72,9 +72,9 @@ def write_bundle(export_dir: Path, adapters: list[tuple[str, Path]], out: Path, 
     """Bundle an export (unless `with_base` is False) and packed adapters [(id, blob)]; returns bundle.json.
     Replaces a previous bundle at `out` only with `force`, never an input or anything else."""
     export_dir = Path(export_dir)
-    out = check_output(out, BUNDLE, force, {"--export": [export_dir], "--adapter": [Path(b) for _, b in adapters]})
+    out = check_output(out, BUNDLE, force, {"export_dir": [export_dir], "adapter": [Path(b) for _, b in adapters]})
     if not with_base and not adapters:
-        raise OdloraError("an adapter bundle (--no-base) needs at least one --adapter")
+        raise OdloraError(f"an adapter bundle (no base) needs at least one {named('adapter')}")
     export = read_manifest(export_dir, verify=True)
     ids = [adapter_id for adapter_id, _ in adapters]
     if len(set(ids)) != len(ids):

@@ -63,7 +63,7 @@ class Chat:
             if line:
                 self.ask(line)
         except OdloraError as e:
-            self.say(f"error: {e}")
+            self.say(f"error: {e.for_cli()}")  # a terminal program: settings as their flags
         return True
 
     def command(self, line: str) -> bool:

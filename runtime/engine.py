@@ -24,7 +24,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..base import load_tokenizer
-from ..errors import OdloraError
+from ..errors import OdloraError, named
 from ..formats.adapter_ids import check_adapter_id
 from ..formats.manifest import read_manifest
 from ..config import SamplingConfig
@@ -224,7 +224,7 @@ class Runtime:
         ids = self.encode(prompt, chat=prompt_format == "chat")
         n = len(ids)
         if n >= self.max_seq_len:
-            raise OdloraError(f"the prompt has {n} tokens; this export's --max-seq-len {self.max_seq_len} leaves "
+            raise OdloraError(f"the prompt has {n} tokens; this export's {named('max_seq_len')} {self.max_seq_len} leaves "
                               f"room for at most {self.max_seq_len - 1} before generating")
         loaded, name = self.resolve_adapter(adapter, strength)
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None

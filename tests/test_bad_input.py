@@ -362,11 +362,11 @@ def test_memory_refusal_suggests_a_batch_that_fits():
     per_token = activation_bytes_per_token(config, 2, checkpointing=False)
     available = per_token * 1000  # room for 1000 tokens
     check_training_memory(config, 8, 125, 2, False, available=available)  # exactly 1000 fits
-    with pytest.raises(OdloraError, match=r"--seq-len (\d+) at --batch-size 8") as e:
+    with pytest.raises(OdloraError, match=r"seq_len (\d+) at batch_size 8") as e:  # the library names settings
         check_training_memory(config, 8, 126, 2, False, available=available)
-    suggested = int(e.value.args[0].split("--seq-len ")[-1].split()[0])
+    suggested = int(e.value.args[0].split("seq_len ")[-1].split()[0])
     check_training_memory(config, 8, suggested, 2, False, available=available)  # the suggestion itself fits
-    with pytest.raises(OdloraError, match=r"--batch-size (\d+) at --seq-len 500"):
+    with pytest.raises(OdloraError, match=r"batch_size (\d+) at seq_len 500"):
         check_training_memory(config, 400, 500, 2, False, available=available)
     # Activation checkpointing keeps less per token, so it may fit where the plain run does not.
     assert activation_bytes_per_token(config, 2, checkpointing=True) < per_token

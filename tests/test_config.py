@@ -84,3 +84,16 @@ def test_library_errors_name_the_setting_and_the_cli_its_flag(monkeypatch, capsy
     with pytest.raises(OdloraError, match="^lr: must be") as caught:
         TrainConfig(lr=float("nan")).validate()
     assert caught.value.for_cli().startswith("--lr: must be")
+
+
+def test_parameters_inside_a_message_are_spelled_for_the_reader():
+    from ondevice_lora.capacity import check_training_memory
+
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+              "vocab_size": 256}
+    with pytest.raises(OdloraError) as caught:
+        check_training_memory(config, 8, 128, 4, checkpointing=False, available=1000)
+    library, cli = str(caught.value), caught.value.for_cli()
+    assert library.startswith("batch_size x seq_len: 8 x 128 tokens") and "add activation_checkpointing" in library
+    assert cli.startswith("--batch-size x --seq-len: 8 x 128 tokens") and "add --activation-checkpointing" in cli
+    assert "\x1f" not in library + cli

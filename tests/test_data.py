@@ -140,7 +140,7 @@ def test_prompt_completion_trains_as_the_runtime_asks(tmp_path, tiny_tokenizer):
 
 def test_raw_format_refuses_messages_and_bases_without_a_template_train_raw(tmp_path, tiny_tokenizer):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Berlin."}]}]
-    with pytest.raises(OdloraError, match=r"d.jsonl:1: .*--format raw"):
+    with pytest.raises(OdloraError, match=r"d.jsonl:1: .*prompt_format raw"):
         read_examples(write_jsonl(tmp_path / "d.jsonl", rows), tiny_tokenizer, 256, prompt_format="raw")
     plain = copy.deepcopy(tiny_tokenizer)
     plain.chat_template = None

@@ -172,8 +172,8 @@ def test_check_output_resolves_links_to_inputs(tmp_path):
     data.mkdir()
     (data / "dates.jsonl").write_text("{}\n")
     (tmp_path / "alias").symlink_to(data)
-    with pytest.raises(OdloraError, match="lies inside the --data input"):
-        check_output(tmp_path / "alias" / "out", ADAPTER, inputs={"--data": [data]})
+    with pytest.raises(OdloraError, match="lies inside the data input"):
+        check_output(tmp_path / "alias" / "out", ADAPTER, inputs={"data": [data]})
     with pytest.raises(OdloraError, match="is not an odlora export"):
         check_output(data, EXPORT, force=True)
 

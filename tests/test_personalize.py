@@ -167,7 +167,7 @@ def test_a_failed_run_never_clobbers_an_existing_adapter(tiny_llama_dir, dates_j
     empty.write_text("")
     with pytest.raises(OdloraError):
         personalize(config(tiny_llama_dir), empty, tmp_path / "ad", say=quiet, force=True)
-    with pytest.raises(OdloraError, match="already exists \\(use --force"):
+    with pytest.raises(OdloraError, match="already exists \\(use force"):  # the library names the setting
         personalize(config(tiny_llama_dir), dates_jsonl, tmp_path / "ad", say=quiet)
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == before
 

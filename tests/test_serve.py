@@ -229,7 +229,7 @@ def test_bad_requests_fail_alone(rt, url, case):
 
 def test_prompt_too_long_names_the_limit(url):
     status, body = call(url, "/completions", {"model": "a", "prompt": PROMPT * 20, "stream": True})
-    assert status == 400 and f"--max-seq-len {MAX_SEQ}" in body["error"]["message"]  # a 400 even when streaming
+    assert status == 400 and f"max_seq_len {MAX_SEQ}" in body["error"]["message"]  # a 400 even when streaming
 
 
 def test_corrupt_blob_fails_its_requests_only(tiny_export, tmp_path):

@@ -10,7 +10,8 @@ from ..cli_types import click_error_line
 from ..errors import OdloraError
 
 # Library errors name a parameter (OdloraError.param); the flag that sets it is `--param-name`, but for these:
-FLAGS = {"prompt_format": "--format", "use_rslora": "--rslora", "eval_examples": "--examples", "allow_hosts": "--allow-host"}
+FLAGS = {"prompt_format": "--format", "use_rslora": "--rslora", "eval_examples": "--examples", "allow_hosts": "--allow-host",
+         "export_dir": "--export", "adapter_dir": "ADAPTER_DIR"}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

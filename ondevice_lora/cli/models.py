@@ -224,7 +224,7 @@ def merge(base, adapters, out, force):
     from ..merge import merge_to_dir
     from ..outputs import MODEL, check_output
 
-    check_output(out, MODEL, force, {"--base": [resolve(base)], "--adapter": [Path(path) for path, _ in adapters]})
+    check_output(out, MODEL, force, {"base": [resolve(base)], "adapter": [Path(path) for path, _ in adapters]})
     loaded = load_base(base)
     merge_to_dir(loaded, load_weighted_adapters(adapters, loaded.fingerprint), out,
                  tuple(f"{path}:{weight:g}" for path, weight in adapters))
