@@ -69,25 +69,7 @@ class OnnxSession:
 
     def read_adapter(self, path: Path):
         """Check an `.onnx_adapter` file against this export; returns its AdapterFormat (in memory)."""
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise OdloraError(f"{path}: no such adapter file")
-        try:
-            fmt = ort.AdapterFormat.read_adapter(str(path))
-            params = fmt.get_parameters()
-        except Exception as e:  # ORT raises its own types for a damaged flatbuffer
-            raise OdloraError(f"{path}: not a readable ONNX Runtime adapter ({type(e).__name__}: {e})") from None
-        if fmt.get_model_version() != self.model_version:
-            raise OdloraError(f"{path}: packed for another base (model version {fmt.get_model_version()}, "
-                              f"this export's is {self.model_version}); pack the adapter against this export")
-        shapes = {name: list(v.shape()) for name, v in params.items()}
-        if shapes != self.slot_shapes:
-            name = sorted(set(shapes) ^ set(self.slot_shapes)) or [n for n in shapes if shapes[n] != self.slot_shapes[n]]
-            raise OdloraError(f"{path}: its tensors do not match this export's slots (first difference: {name[0]}, "
-                              f"{shapes.get(name[0])} vs {self.slot_shapes.get(name[0])}); pack it against this export")
-        return fmt
+        return read_adapter_format(path, self.model_version, self.slot_shapes)
 
     def new_cache(self) -> list:
         """A request's KV caches. An in-place graph reads only the rows it has written, so its
@@ -128,17 +110,34 @@ class OnnxSession:
         return out[0].numpy(), list(out[1:])
 
 
-def read_slots(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    """An `.onnx_adapter` blob as stacked (L, ...) slot tensors, checked against `manifest`'s base."""
+def read_adapter_format(path: Path, model_version: int, slot_shapes: dict):
+    """An `.onnx_adapter` file read into memory, checked against an export's model version (its
+    base) and slot input shapes (`formats.blobs`)."""
     import onnxruntime as ort
 
-    fmt = ort.AdapterFormat.read_adapter(str(path))
-    if fmt.get_model_version() != onnx_model_version(manifest["base_fingerprint"]):
-        raise OdloraError(f"{path}: packed for another base (ONNX adapter model version "
-                          f"{fmt.get_model_version()}); pack the adapter against this export")
+    path = Path(path)
+    if not path.is_file():
+        raise OdloraError(f"{path}: no such adapter file")
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+        params = fmt.get_parameters()
+    except Exception as e:  # ORT raises its own types for a damaged flatbuffer
+        raise OdloraError(f"{path}: not a readable ONNX Runtime adapter ({type(e).__name__}: {e})") from None
+    if fmt.get_model_version() != model_version:
+        raise OdloraError(f"{path}: packed for another base (model version {fmt.get_model_version()}, "
+                          f"this export's is {model_version}); pack the adapter against this export")
+    shapes = {name: list(v.shape()) for name, v in params.items()}
+    if shapes != slot_shapes:
+        name = sorted(set(shapes) ^ set(slot_shapes)) or [n for n in shapes if shapes[n] != slot_shapes[n]]
+        raise OdloraError(f"{path}: its tensors do not match this export's slots (first difference: {name[0]}, "
+                          f"{shapes.get(name[0])} vs {slot_shapes.get(name[0])}); pack it against this export")
+    return fmt
+
+
+def read_slots(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """An `.onnx_adapter` blob as stacked (L, ...) slot tensors, checked against `manifest`'s base."""
+    fmt = read_adapter_format(path, onnx_model_version(manifest["base_fingerprint"]), onnx_slot_shapes(manifest))
     params = {name: torch.from_numpy(np.array(v.numpy(), copy=True)) for name, v in fmt.get_parameters().items()}
-    if {n: list(t.shape) for n, t in params.items()} != onnx_slot_shapes(manifest):
-        raise OdloraError(f"{path}: its tensors do not match this export's slots: packed for another export")
     return stack_layers(params, SlotSpec.from_dict(manifest["slots"]).layout())
 
 
@@ -204,16 +203,16 @@ class OnnxBackend(Backend):
 class OnnxSequence:
     """One request's state on the shared session: its KV caches and its adapter's run options.
 
-    On an export whose caches update in place (`cache_layout.in_place`) each step binds every
-    past input and its present output to the same buffer (IO binding), so a decode step writes
-    its new rows where they are, instead of returning a copy of every layer's cache.
+    On an export whose caches update in place (`cache_layout.in_place`) the sequence holds one IO
+    binding with every past input and its present output bound to the same buffer, and the
+    adapter's inputs bound, all once: a decode step rebinds only its tokens, positions and logits,
+    and writes its new cache rows where they are instead of returning a copy of every layer's cache.
     """
 
     def __init__(self, session, adapter: Optional[OnnxAdapter]):
         import onnxruntime as ort
 
         self.session, self.caches = session, session.new_cache()
-        self.in_place = session.in_place
         self.extra = adapter.feeds if adapter is not None else {}
         self.options = None
         if adapter is not None and adapter.lora is not None:
@@ -221,32 +220,38 @@ class OnnxSequence:
             self.options = ort.RunOptions()
             self.options.add_active_adapter(adapter.lora)
         self._adapter = adapter  # alive while the sequence runs, even if the cache evicts it
+        self.binding = self._bind_state() if session.in_place else None
+
+    def _bind_state(self):
+        """The IO binding of what stays for the whole sequence: caches (past = present) and slot inputs."""
+        s = self.session
+        binding = s.session.io_binding()
+        binding.bind_output("logits")  # first: get_outputs() lists the outputs in the order they were bound
+        for past, present, cache in zip(s.cache_layout["past"], s.cache_layout["present"], self.caches):
+            binding.bind_ortvalue_input(past, cache)
+            binding.bind_ortvalue_output(present, cache)
+        for name, value in self.extra.items():
+            binding.bind_ortvalue_input(name, value)
+        return binding
 
     def forward(self, tokens: list[int], start: int) -> torch.Tensor:
         import onnxruntime as ort
 
         s = self.session
         tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
-        feeds = {"tokens": ort.OrtValue.ortvalue_from_numpy(tokens),
-                 "input_pos": ort.OrtValue.ortvalue_from_numpy(np.arange(start, start + tokens.shape[1], dtype=np.int64)),
-                 **dict(zip(s.cache_layout["past"], self.caches)), **self.extra}
-        if self.in_place:
-            logits = self._run_in_place(feeds)
+        step = {"tokens": ort.OrtValue.ortvalue_from_numpy(tokens),
+                "input_pos": ort.OrtValue.ortvalue_from_numpy(np.arange(start, start + tokens.shape[1], dtype=np.int64))}
+        if self.binding is not None:
+            for name, value in step.items():
+                self.binding.bind_ortvalue_input(name, value)
+            self.binding.bind_output("logits")  # its shape follows this call's token count
+            s.session.run_with_iobinding(self.binding, self.options)
+            logits = self.binding.get_outputs()[0]
         else:
+            feeds = {**step, **dict(zip(s.cache_layout["past"], self.caches)), **self.extra}
             out = s.session.run_with_ort_values(s.output_names, feeds, self.options)
             logits, self.caches = out[0], list(out[1:])  # present -> next call's past
         return torch.from_numpy(logits.numpy()[0, -1].copy())
-
-    def _run_in_place(self, feeds: dict):
-        s = self.session
-        binding = s.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits")  # first: get_outputs() lists the outputs in the order they were bound
-        for present, cache in zip(s.cache_layout["present"], self.caches):
-            binding.bind_ortvalue_output(present, cache)
-        s.session.run_with_iobinding(binding, self.options)
-        return binding.get_outputs()[0]
 
 
 BACKEND = OnnxBackend
