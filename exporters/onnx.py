@@ -50,7 +50,9 @@ from ..formats.slots import SlotSpec
 from ..models.llama import Attention
 from ..models.slots import SlottedModel, zero_slots
 from ..quiet import quiet
-from .onnx_attention import check_head_dim, translations
+from . import onnx_attention, onnx_norm
+from .onnx_attention import check_head_dim
+from .onnx_graph import fuse_shared_input_matmuls
 from .onnx_quant import quantize_weights
 
 QUANTS = ("fp32", "int8", "int4")
@@ -137,6 +139,7 @@ class CacheIOModel(nn.Module):
     def __init__(self, model: nn.Module, spec: SlotSpec, max_seq_len: int):
         super().__init__()
         replace_attention_with_fused(model, max_seq_len)
+        onnx_norm.replace_norms_with_fused(model)
         self.caches = replace_kv_cache_with_io(model)
         self.slotted = SlottedModel(model, spec)
 
@@ -187,12 +190,14 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
         program = torch.export.export(graph, example, dynamic_shapes=dynamic, strict=False)
         onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=inputs, output_names=outputs,
                                          opset_version=OPSET, optimize=False, verbose=False,
-                                         custom_translation_table=translations())
+                                         custom_translation_table={**onnx_attention.translations(),
+                                                                                   **onnx_norm.translations()})
         light_optimize(onnx_program.model)
         proto = onnx_program.model_proto
     del onnx_program, program
     for node in proto.graph.node:  # stack traces and module paths: bytes, and this machine's file paths
         del node.metadata_props[:]
+    fuse_shared_input_matmuls(proto)
     quantization = quantize_weights(proto, quant)
     add_zero_slot_defaults(proto, spec)
     out_dir = Path(out_dir)

@@ -2,7 +2,7 @@
 
 Every constant-weight MatMul `x @ W` (W is K x N) becomes
 
-    MatMulNBits(x, q, d, zero_points=0)  +  (x @ P) @ m
+    MatMulNBits(x, q, d)  +  (x @ P) @ (m + 2^(bits-1) d)
 
 with, per block of inputs of each output column (`BLOCK_SIZES`), `m` the block's minimum, `d` its step
 `(max - min) / (2^bits - 1)` and `q = round((w - m) / d)` unsigned. `P` (K x blocks, 0/1) sums
@@ -29,6 +29,8 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+
+from .onnx_graph import fold_weight_transposes
 
 # Inputs per block, per export width. MatMulNBits quantises the activations in blocks of the same
 # size, so smaller blocks cost bytes and buy accuracy. On the default base: 8 bits at 32 flipped the
@@ -112,12 +114,13 @@ class GraphQuantizer:
         weight = self.to_array(self.initializers[w])
         k, n = weight.shape
         q, step, low = block_quantize(weight, bits, self.block)
-        blocks = k // self.block
-        zeros = np.zeros((n, (blocks + 1) // 2 if bits == 4 else blocks), np.uint8)
+        # No zero-point input: MatMulNBits then takes its symmetric kernel (q - 2^(bits-1), faster on
+        # CPU than the same weights with explicit zeros), and the minimum term adds the offset back:
+        # w = d q + m = d (q - 2^(bits-1)) + (m + 2^(bits-1) d).
+        low = low + (2 ** (bits - 1)) * step.reshape(n, k // self.block).T
         prefix = node.output[0]
         main = self.node("MatMulNBits", [x, self.add_initializer(q, f"{prefix}.q"),
-                                         self.add_initializer(step, f"{prefix}.step"),
-                                         self.add_initializer(zeros.reshape(-1), f"{prefix}.zero")],
+                                         self.add_initializer(step, f"{prefix}.step")],
                          f"{prefix}_nbits", domain="com.microsoft", K=k, N=n, bits=bits,
                          block_size=self.block, accuracy_level=ACCURACY_LEVEL)
         offset = self.node("MatMul", [self.block_sum(x, k), self.add_initializer(low, f"{prefix}.min")],
@@ -192,32 +195,3 @@ def quantize_weights(proto, quant: str) -> Optional[dict]:
             "block_size": BLOCK_SIZES[quant], "scheme": "unsigned with a float block minimum (exact on a Q4_1 grid)",
             "lm_head_bits": HEAD_BITS, "embedding": f"int{EMBEDDING_BITS} symmetric blocks (GatherBlockQuantized)",
             "accuracy_level": ACCURACY_LEVEL, **quantizer.counts}
-
-
-def fold_weight_transposes(proto) -> None:
-    """Turn `MatMul(x, Transpose(W))` with W an initializer into `MatMul(x, Wᵀ)`, in place.
-
-    A tied LM head reads the embedding through a Transpose (the embedding Gather reads it as
-    is), which hides it from quantisation: only MatMuls whose weight is an initializer are
-    replaced. The transposed copy is what gets quantised; the Gather keeps its own.
-    """
-    from onnx import numpy_helper
-
-    initializers = {i.name: i for i in proto.graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    keep = []
-    for node in proto.graph.node:
-        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
-        weight = initializers.get(node.input[0]) if node.op_type == "Transpose" else None
-        users = consumers.get(node.output[0], [])
-        if (weight is None or len(weight.dims) != 2 or perm not in ([], [[1, 0]])
-                or not users or any(u.op_type != "MatMul" or list(u.input).index(node.output[0]) != 1 for u in users)):
-            keep.append(node)
-            continue
-        array = numpy_helper.to_array(weight).T.copy()
-        proto.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
-    del proto.graph.node[:]
-    proto.graph.node.extend(keep)

@@ -120,8 +120,37 @@ def test_attention_is_one_node_per_layer_without_a_cache_copy(exports):
     ops = [n.op_type for n in model.graph.node]
     n_layers = load_base(str(exports["model_dir"])).model.args.n_layers
     assert ops.count("GroupQueryAttention") == n_layers
+    assert ops.count("SimplifiedLayerNormalization") == 2 * n_layers + 1 and "Pow" not in ops  # each RMSNorm one node
     assert not {"ScatterElements", "ScatterND", "Softmax"} & set(ops)  # no cache copy, no attention of its own
     assert json.loads((exports["fp32"] / "manifest.json").read_text())["onnx"]["cache_layout"]["in_place"] is True
+
+
+def test_matmuls_that_share_an_input_become_one_and_stay_exact():
+    """q, k, v (one input) -> one MatMul + Split; a MatMul on another input, or on a weight that is
+    also a graph input (a slot), is left alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ondevice_lora.exporters.onnx_graph import fuse_shared_input_matmuls
+
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal((8, n)).astype(np.float32) for name, n in [("Wq", 8), ("Wk", 4), ("Wv", 4)]}
+    weights["Wo"] = rng.standard_normal((8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", w], [w.lower()]) for w in ("Wq", "Wk", "Wv")]
+    nodes += [helper.make_node("MatMul", ["wq", "Wo"], ["o"]), helper.make_node("MatMul", ["x", "A"], ["a"])]
+    value = lambda name, *shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))  # noqa: E731
+    initializers = [numpy_helper.from_array(w, name) for name, w in weights.items()]
+    initializers.append(numpy_helper.from_array(np.zeros((8, 3), np.float32), "A"))  # overridable, like a slot
+    graph = helper.make_graph(nodes, "qkv", [value("x", 2, 8), value("A", 8, 3)],
+                              [value("wk", 2, 4), value("wv", 2, 4), value("o", 2, 8), value("a", 2, 3)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32), "A": rng.standard_normal((8, 3)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    before = run(model)
+    assert fuse_shared_input_matmuls(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Split", "MatMul", "MatMul"]
+    assert {i.name for i in model.graph.initializer} >= {"Wo", "A"} and "Wq" not in {i.name for i in model.graph.initializer}
+    assert max_diff(run(model), before) < 1e-6
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["one buffer", "present fed back"])
@@ -237,7 +266,8 @@ def test_quantised_exports_run_close_and_smaller(exports, name, max_rel_error):
     manifest = exports["manifests"][name]
     q = manifest["onnx"]["quantization"]
     assert q["block_size"] == BLOCK_SIZES[manifest["quant"]] and q["kept_fp32"] == 0
-    assert q["MatMulNBits"] == 2 * 7 + 1  # every base linear and the LM head; never a slot
+    # Per layer q|k|v and gate|up (one MatMul each: they share an input), o and down; the LM head; never a slot.
+    assert q["MatMulNBits"] == 2 * 4 + 1
     assert q["GatherBlockQuantized"] == 1  # the embedding
     size = lambda m: m["files"]["model.onnx.data"]["size"]  # noqa: E731
     assert size(manifest) < 0.6 * size(exports["manifests"]["fp32"])

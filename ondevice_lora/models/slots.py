@@ -102,14 +102,20 @@ class SlotGroup:
 class SlotLinear(nn.Module):
     """`base_layer(x) + u_m @ B_mᵀ` with u_m this member's rank slice of the group's A-product."""
 
-    def __init__(self, base_layer: nn.Module, group: SlotGroup, rank_slice: slice, out_offset: int):
+    def __init__(self, base_layer: nn.Module, group: SlotGroup, rank_slice: slice, out_offset: int,
+                 only_member: bool = False):
         super().__init__()
         self.base_layer, self.group = base_layer, group
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.rank_slice = rank_slice
         self.out_slice = slice(out_offset, out_offset + base_layer.out_features)
+        # A group's only member uses all of A's product and of B: no slices, which an exported
+        # graph would run (a copy of B) on every call.
+        self.only_member = only_member
 
     def forward(self, x):
+        if self.only_member:
+            return self.base_layer(x) + self.group.down(x) @ self.group.B.t()
         u = self.group.down(x)[..., self.rank_slice]  # (..., R)
         return self.base_layer(x) + u @ self.group.B[self.out_slice].t()
 
@@ -123,7 +129,8 @@ def apply_slots(model: nn.Module, spec: SlotSpec) -> list[dict[str, SlotGroup]]:
             group = groups[group_name] = SlotGroup()
             place = {projection_name(layer, member): (spec.rows(index), offset)
                      for index, (member, offset) in enumerate(zip(members, spec.out_offsets(group_name)))}
-            replace_linears(model, place, lambda name, linear: SlotLinear(linear, group, *place[name]))
+            replace_linears(model, place, lambda name, linear: SlotLinear(linear, group, *place[name],
+                                                                          only_member=len(members) == 1))
         per_layer.append(groups)
     return per_layer
 
