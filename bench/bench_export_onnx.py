@@ -10,7 +10,7 @@ steps after a short chat prompt (median over --tokens steps, best of --rounds in
 
     no-slots    the slot-free export (what the base costs)
     zero-slots  the slotted export with no adapter active (the zero sparse-initializer defaults)
-    adapter     the slotted export with the packed adapter active (RunOptions.add_active_adapter)
+    adapter     the slotted export with the packed adapter's slot inputs fed
 
 Two figures per mode: wall ms/token with --threads intra-op threads, and CPU ms/token on one
 thread (the caller's thread CPU time: robust when other processes share the cores, as on CI).

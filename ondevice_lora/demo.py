@@ -337,8 +337,8 @@ def swap_latency(rt, ids: list[str], n: int) -> dict:
     request that keeps the adapter.
 
     What is timed is what a request does before its first token: look its adapter up in the
-    runtime's cache and bind it to a new sequence (ONNX Runtime: a RunOptions with that
-    LoraAdapter active and a fresh KV cache; ExecuTorch: its slot tensors as the method's inputs).
+    runtime's cache and bind it to a new sequence (ONNX Runtime: its slot inputs bound
+    with a fresh KV cache; ExecuTorch: its slot tensors as the method's inputs).
     Keeping one adapter times the same path without a switch, so the difference is what a switch
     costs. The decode step after each is timed apart, to show any cost a switch leaves in it.
     """

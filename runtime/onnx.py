@@ -1,11 +1,12 @@
 """ONNX Runtime: an ONNX export (`exporters/onnx.py`) opened once, adapters swapped per sequence.
 
 The KV caches are graph inputs and outputs, so each sequence owns its state and requests run in
-parallel on one InferenceSession (ORT's Run is thread-safe). A packed adapter is an
-`onnxruntime.LoraAdapter` (the file memory-mapped) made active by a per-sequence
-`RunOptions.add_active_adapter`. ORT's Python API loads a LoraAdapter only from a file, so
-in-memory adapters (blends, strengths) are fed as plain graph inputs instead: the slot inputs
-have overridable zero initializers, and an input in the feed dict replaces them.
+parallel on one InferenceSession (ORT's Run is thread-safe). An adapter is the graph's slot inputs,
+fed per call (or bound once per sequence): they have overridable zero initializers, and an input
+in the feed replaces them. A packed `.onnx_adapter` is read once into those inputs, padded to the
+export's rank and widened to fp32 (`read_slots`: blobs are stored fp16 at their own rank), not
+fed as an `onnxruntime.LoraAdapter`: ORT's IO binding, which the in-place cache needs, ignores a
+RunOptions' active LoraAdapter (measured on ORT 1.32), and a LoraAdapter feeds tensors only as stored.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import OdloraError
-from ..formats.blobs import onnx_model_version, onnx_slot_shapes
+from ..formats.blobs import ONNX_ADAPTER_VERSIONS, onnx_model_version, onnx_slot_shapes
 from ..formats.manifest import read_manifest
 from ..formats.slots import SlotSpec
 from .backends import Backend, Loaded, tensors_nbytes
@@ -26,7 +27,7 @@ class OnnxSession:
     """An ONNX Runtime export opened once; adapters swap per call.
 
         s = OnnxSession("out/")
-        ad = s.load_adapter("my.onnx_adapter")
+        ad = s.load_adapter("my.onnx_adapter")                  # its slot inputs, ready to feed
         logits, caches = s.forward([prompt_ids], range(len(prompt_ids)), s.new_cache(), ad)   # or ad=None: the base
     """
 
@@ -58,18 +59,18 @@ class OnnxSession:
         """Whether present may share past's buffer (the graph updates the cache in place)."""
         return self.cache_layout.get("in_place", False)
 
-    def load_adapter(self, path: Path):
-        """Check an `.onnx_adapter` file against this export and memory-map it (a LoraAdapter)."""
+    def load_adapter(self, path: Path) -> "OnnxAdapter":
+        """An `.onnx_adapter` file, checked against this export, as the graph's slot inputs."""
+        return self.adapter_from_slots(read_slots(path, self.manifest))
+
+    def adapter_from_slots(self, slots: dict[str, torch.Tensor]) -> "OnnxAdapter":
+        """Stacked slot tensors (full rank) as the graph's slot inputs, fp32 OrtValues."""
         import onnxruntime as ort
 
-        self.read_adapter(path)  # checked; ORT maps the file itself
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
-        return adapter
-
-    def read_adapter(self, path: Path):
-        """Check an `.onnx_adapter` file against this export; returns its AdapterFormat (in memory)."""
-        return read_adapter_format(path, self.model_version, self.slot_shapes)
+        inputs = graph_inputs(slots, self.manifest["onnx"]["slot_inputs"])
+        arrays = {name: np.ascontiguousarray(t.float().numpy()) for name, t in inputs.items()}
+        # The OrtValues borrow the arrays' memory: the adapter keeps the arrays alive with them.
+        return OnnxAdapter({name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}, arrays)
 
     def new_cache(self) -> list:
         """A request's KV caches. An in-place graph reads only the rows it has written, so its
@@ -82,20 +83,9 @@ class OnnxSession:
             return [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32) for _ in self.cache_layout["past"]]
         return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.cache_layout["past"]]
 
-    @staticmethod
-    def _options(adapter):
-        """Per call, so concurrent calls may each run their own adapter (or none) on one session."""
-        import onnxruntime as ort
-
-        if adapter is None:
-            return None
-        options = ort.RunOptions()
-        options.add_active_adapter(adapter)
-        return options
-
-    def forward(self, tokens, input_pos, caches: Sequence, adapter=None):
-        """tokens (1, T) and input_pos (T,) ints; caches from `new_cache()` or a previous call.
-        Returns (logits (1, T, vocab) numpy, the updated caches)."""
+    def forward(self, tokens, input_pos, caches: Sequence, adapter: Optional["OnnxAdapter"] = None):
+        """tokens (1, T) and input_pos (T,) ints; caches from `new_cache()` or a previous call;
+        `adapter` from `load_adapter` (None: the base). Returns (logits (1, T, vocab) numpy, the updated caches)."""
         import onnxruntime as ort
 
         tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
@@ -106,13 +96,16 @@ class OnnxSession:
             if not isinstance(cache, ort.OrtValue):
                 cache = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cache, np.float32))
             feeds[name] = cache
-        out = self.session.run_with_ort_values(self.output_names, feeds, self._options(adapter))
+        if adapter is not None:
+            feeds.update(adapter.feeds)
+        out = self.session.run_with_ort_values(self.output_names, feeds)
         return out[0].numpy(), list(out[1:])
 
 
-def read_adapter_format(path: Path, model_version: int, slot_shapes: dict):
+def read_adapter_format(path: Path, model_version: int, slot_shapes: dict, spec: SlotSpec):
     """An `.onnx_adapter` file read into memory, checked against an export's model version (its
-    base) and slot input shapes (`formats.blobs`)."""
+    base) and slot inputs (`formats.blobs`): at full rank (version 1), or at one rank r <= R
+    (version 2). Returns (the AdapterFormat, r)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -126,19 +119,31 @@ def read_adapter_format(path: Path, model_version: int, slot_shapes: dict):
     if fmt.get_model_version() != model_version:
         raise OdloraError(f"{path}: packed for another base (model version {fmt.get_model_version()}, "
                           f"this export's is {model_version}); pack the adapter against this export")
+    version = fmt.get_adapter_version()
+    if version not in ONNX_ADAPTER_VERSIONS:
+        raise OdloraError(f"{path}: adapter version {version}; this odlora reads {ONNX_ADAPTER_VERSIONS}")
     shapes = {name: list(v.shape()) for name, v in params.items()}
-    if shapes != slot_shapes:
-        name = sorted(set(shapes) ^ set(slot_shapes)) or [n for n in shapes if shapes[n] != slot_shapes[n]]
+    rank = spec.max_rank
+    if version > 1:
+        first_b = next((shape for name, shape in shapes.items() if name.startswith("lora_B_")), None)
+        rank = first_b[-1] if first_b else 0  # one rank for the whole blob: B's last axis
+        slot_shapes = {name: spec.shape(name.rpartition(".")[0], rank)[1:] for name in slot_shapes}
+    if shapes != slot_shapes or not 1 <= rank <= spec.max_rank:
+        name = sorted(set(shapes) ^ set(slot_shapes)) or [n for n in shapes if shapes[n] != slot_shapes[n]] or ["rank"]
         raise OdloraError(f"{path}: its tensors do not match this export's slots (first difference: {name[0]}, "
                           f"{shapes.get(name[0])} vs {slot_shapes.get(name[0])}); pack it against this export")
-    return fmt
+    return fmt, rank
 
 
 def read_slots(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    """An `.onnx_adapter` blob as stacked (L, ...) slot tensors, checked against `manifest`'s base."""
-    fmt = read_adapter_format(path, onnx_model_version(manifest["base_fingerprint"]), onnx_slot_shapes(manifest))
-    params = {name: torch.from_numpy(np.array(v.numpy(), copy=True)) for name, v in fmt.get_parameters().items()}
-    return stack_layers(params, SlotSpec.from_dict(manifest["slots"]).layout())
+    """An `.onnx_adapter` blob as stacked (L, ...) fp32 slot tensors at the export's rank R, checked
+    against `manifest`'s base and slots."""
+    spec = SlotSpec.from_dict(manifest["slots"])
+    fmt, rank = read_adapter_format(path, onnx_model_version(manifest["base_fingerprint"]),
+                                    onnx_slot_shapes(manifest), spec)
+    params = {name: torch.from_numpy(np.array(v.numpy(), np.float32)) for name, v in fmt.get_parameters().items()}
+    stacked = stack_layers(params, spec.layout())
+    return stacked if rank == spec.max_rank else spec.resize_rank(stacked, rank, spec.max_rank)
 
 
 def stack_layers(tensors: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
@@ -160,10 +165,14 @@ def graph_inputs(slots: dict[str, torch.Tensor], names: list[str]) -> dict[str, 
 # -- the backend the runtime opens ---------------------------------------------------------------
 
 class OnnxAdapter:
-    """A packed adapter (`lora`, made active per run) or in-memory slot inputs (`feeds`)."""
+    """An adapter as the graph's slot inputs: `feeds` (name -> OrtValue) over `arrays` (their memory)."""
 
-    def __init__(self, lora=None, feeds: Optional[dict] = None):
-        self.lora, self.feeds = lora, feeds or {}
+    def __init__(self, feeds: dict, arrays: dict):
+        self.feeds, self.arrays = feeds, arrays
+
+    @property
+    def nbytes(self) -> int:
+        return tensors_nbytes(self.arrays.values())
 
 
 class OnnxBackend(Backend):
@@ -174,34 +183,19 @@ class OnnxBackend(Backend):
         self.session = OnnxSession(export_dir, threads=threads, verify=False)  # the runtime verified it
 
     def load_packed(self, path: Path) -> Loaded:
-        size = Path(path).stat().st_size
-        if self.session.in_place:
-            # ONNX Runtime's IO binding, which the in-place cache needs, ignores a RunOptions' active
-            # LoraAdapter (measured on ORT 1.32): its tensors are bound as plain inputs instead.
-            fmt = self.session.read_adapter(path)  # checks the base (model version) and the slot shapes
-            adapter = OnnxAdapter(feeds=fmt.get_parameters())
-            adapter.arrays = fmt  # the parameters' memory
-            return Loaded(adapter, size)
-        lora = self.session.load_adapter(path)
-        return Loaded(OnnxAdapter(lora=lora), size)  # memory-mapped: the file's bytes
+        adapter = self.session.load_adapter(path)  # checks the base (model version) and the slot shapes
+        return Loaded(adapter, adapter.nbytes)
 
     def from_slots(self, slots: dict[str, torch.Tensor]) -> Loaded:
-        import onnxruntime as ort
-
-        inputs = graph_inputs(slots, self.manifest["onnx"]["slot_inputs"])
-        arrays = {name: np.ascontiguousarray(t.float().numpy()) for name, t in inputs.items()}
-        feeds = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
-        # The OrtValues borrow the arrays' memory: keep the arrays alive with them.
-        adapter = OnnxAdapter(feeds=feeds)
-        adapter.arrays = arrays
-        return Loaded(adapter, tensors_nbytes(arrays.values()))
+        adapter = self.session.adapter_from_slots(slots)
+        return Loaded(adapter, adapter.nbytes)
 
     def _new_sequence(self, adapter):
         return OnnxSequence(self.session, adapter.native if adapter is not None else None)
 
 
 class OnnxSequence:
-    """One request's state on the shared session: its KV caches and its adapter's run options.
+    """One request's state on the shared session: its KV caches and its adapter's slot inputs.
 
     On an export whose caches update in place (`cache_layout.in_place`) the sequence holds one IO
     binding with every past input and its present output bound to the same buffer, and the
@@ -210,15 +204,8 @@ class OnnxSequence:
     """
 
     def __init__(self, session, adapter: Optional[OnnxAdapter]):
-        import onnxruntime as ort
-
         self.session, self.caches = session, session.new_cache()
         self.extra = adapter.feeds if adapter is not None else {}
-        self.options = None
-        if adapter is not None and adapter.lora is not None:
-            # Per sequence, never shared: a request's RunOptions names only its own adapter.
-            self.options = ort.RunOptions()
-            self.options.add_active_adapter(adapter.lora)
         self._adapter = adapter  # alive while the sequence runs, even if the cache evicts it
         self.binding = self._bind_state() if session.in_place else None
 
@@ -245,11 +232,11 @@ class OnnxSequence:
             for name, value in step.items():
                 self.binding.bind_ortvalue_input(name, value)
             self.binding.bind_output("logits")  # its shape follows this call's token count
-            s.session.run_with_iobinding(self.binding, self.options)
+            s.session.run_with_iobinding(self.binding)
             logits = self.binding.get_outputs()[0]
         else:
             feeds = {**step, **dict(zip(s.cache_layout["past"], self.caches)), **self.extra}
-            out = s.session.run_with_ort_values(s.output_names, feeds, self.options)
+            out = s.session.run_with_ort_values(s.output_names, feeds)
             logits, self.caches = out[0], list(out[1:])  # present -> next call's past
         return torch.from_numpy(logits.numpy()[0, -1].copy())
 

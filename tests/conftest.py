@@ -346,12 +346,14 @@ def default_export(default_base, tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_adapter(default_base, tmp_path_factory):
     """A rank-8 all-linear adapter on the default base with random non-zero A and B at a trained
-    adapter's scale; returns (its directory, the fp32 default base with it attached)."""
+    adapter's scale; returns (its directory, the fp32 default base with it attached, its factors as
+    packed blobs hold them: fp16)."""
     from ondevice_lora.adapter import adapter_from_model, attach_adapter, load_adapter, save_adapter
     from ondevice_lora.base import load_base
     from ondevice_lora.config import LoraConfig
     from ondevice_lora.lora import apply_lora
     from ondevice_lora.registry import DEFAULT_BASE
+    from sessions import as_packed
 
     torch.manual_seed(0)
     base = load_base(DEFAULT_BASE)
@@ -363,7 +365,7 @@ def default_adapter(default_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("default-adapter") / "random-r8"
     save_adapter(adapter_from_model(base.model, config, {"base_fingerprint": base.fingerprint}), out, DEFAULT_BASE)
     reference = load_base(DEFAULT_BASE)
-    attach_adapter(reference.model, load_adapter(out))
+    attach_adapter(reference.model, as_packed(load_adapter(out)))
     return out, reference.model.eval()
 
 

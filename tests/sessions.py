@@ -14,6 +14,15 @@ import torch.nn.functional as F
 from ondevice_lora.errors import OdloraError
 
 
+def as_packed(adapter):
+    """The adapter's factors as a packed blob holds them (ONNX and ExecuTorch): fp16, the scale
+    folded into B. A parity test against PyTorch with these factors tests the graph, not fp16."""
+    for name, scale in adapter.scalings.items():
+        adapter.A[name] = adapter.A[name].half().float()
+        adapter.B[name] = (adapter.B[name] * scale).half().float() / scale
+    return adapter
+
+
 def onnx_greedy(session, prompt_ids: Sequence[int], n: int, adapter=None, eos_id: Optional[int] = None) -> list[int]:
     """Prefill the prompt in one call, then decode up to n tokens one at a time."""
     prompt_ids = list(prompt_ids)

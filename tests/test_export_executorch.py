@@ -23,7 +23,7 @@ from ondevice_lora.adapter import adapter_from_model, attach_adapter, load_adapt
 from ondevice_lora.base import load_base  # noqa: E402
 from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.runtime.executorch import ExecutorchSession  # noqa: E402
-from sessions import executorch_greedy, executorch_perplexity  # noqa: E402
+from sessions import as_packed, executorch_greedy, executorch_perplexity  # noqa: E402
 from ondevice_lora.exporters.export import export, pack  # noqa: E402
 from ondevice_lora.config import LoraConfig  # noqa: E402
 from ondevice_lora.lora import apply_lora, lora_layers  # noqa: E402
@@ -52,10 +52,11 @@ def make_adapter(base_dir: Path, fingerprint: str, out: Path, seed: int, rank: i
 
 
 def reference(base_dir: Path, adapter_dir: Path | None = None):
-    """Our PyTorch model with the same KV cache length, and the adapter attached unmerged."""
+    """Our PyTorch model with the same KV cache length, and the adapter attached unmerged (its
+    factors as the packed blob holds them: fp16)."""
     model = load_base(str(base_dir)).model
     if adapter_dir is not None:
-        attach_adapter(model, load_adapter(adapter_dir))
+        attach_adapter(model, as_packed(load_adapter(adapter_dir)))
     model.setup_cache(1, MAX_SEQ)
     return model
 
@@ -175,9 +176,11 @@ def test_packed_blob_is_the_slot_tensors_at_the_adapters_rank(exported, session)
         with safe_open(str(packed[name][1]), framework="pt") as f:
             assert f.metadata()["rank"] == str(rank)
             assert f.get_slice("lora_B_qkv").get_shape()[-1] == rank  # not the slots' 8
+            assert f.get_tensor("lora_B_qkv").dtype == torch.float16
         want = slot_tensors(load_adapter(packed[name][0]), spec)
         got = session.load_adapter(packed[name][1])
-        assert all(torch.equal(got[k], want[k]) for k in want)  # zero padding restored exactly
+        # zero padding restored exactly; the values are the fp16 of the fp32 slots, widened
+        assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k].half().float()) for k in want)
 
 
 def test_rejects_other_bases_and_bad_positions(exported, session, tmp_path):
@@ -294,6 +297,7 @@ def test_default_base_export(default_base, default_adapter, default_export, tmp_
     assert (want - model(torch.tensor([prompt]))).abs().max().item() > 0.1  # the adapter changes the logits
     got = session.forward(prompt, 0, session.load_adapter(tmp_path / "r8.slots"))
     assert (got - want).abs().max().item() <= TOL
+    assert (tmp_path / "r8.slots").stat().st_size <= 5_000_000  # rank 8, all seven linears, fp16
     stops = tuple(stop_token_ids(tokenizer, default_base.config))
     assert "Paris" in tokenizer.decode(executorch_greedy(session, prompt, 24, stop_ids=stops))
 

@@ -1,4 +1,4 @@
-"""The ONNX Runtime target: export, parity with our PyTorch model, adapters via ORT's LoraAdapter.
+"""The ONNX Runtime target: export, parity with our PyTorch model, adapters as slot inputs from packed `.onnx_adapter` blobs.
 
     python -m pytest -q tests/test_export_onnx.py -m "not slow"        # tiny models, about a minute
     ODLORA_HOME=/tmp/oh python -m pytest -q tests/test_export_onnx.py   # + the real default base
@@ -25,8 +25,9 @@ from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.exporters.export import export, pack  # noqa: E402
 from ondevice_lora.exporters.onnx import replace_kv_cache_with_io  # noqa: E402
 from ondevice_lora.runtime.onnx import OnnxSession  # noqa: E402
-from sessions import onnx_greedy  # noqa: E402
+from sessions import as_packed, onnx_greedy  # noqa: E402
 from ondevice_lora.exporters.onnx_quant import BLOCK_SIZES  # noqa: E402
+from ondevice_lora.formats.slots import SlotSpec  # noqa: E402
 from ondevice_lora.config import LoraConfig  # noqa: E402
 from ondevice_lora.lora import apply_lora  # noqa: E402
 from conftest import DEFAULT_EXPORT_QUESTION as QUESTION, DEFAULT_EXPORT_SEQ  # noqa: E402
@@ -82,12 +83,13 @@ def adapters(exports, tmp_path_factory):
 
 
 def torch_logits(model_dir, adapter_dir, steps):
-    """Our PyTorch model with its in-place KV cache: logits for each (tokens, positions) step."""
+    """Our PyTorch model with its in-place KV cache: logits for each (tokens, positions) step; the
+    adapter's factors rounded as a packed blob stores them (so 1e-3 tests the graph, not fp16)."""
     from ondevice_lora.adapter import load_adapter
 
     model = load_base(str(model_dir)).model
     if adapter_dir is not None:
-        attach_adapter(model, load_adapter(adapter_dir))
+        attach_adapter(model, as_packed(load_adapter(adapter_dir)))
     model.setup_cache(1, MAX_SEQ)
     with torch.no_grad():
         return [model(torch.tensor([t]), input_pos=torch.tensor(p)).numpy() for t, p in steps]
@@ -349,6 +351,36 @@ def test_pack_writes_an_ort_adapter(exports, adapters):
     manifest = exports["manifests"]["fp32"]
     assert fmt.get_model_version() == OnnxSession(exports["fp32"], threads=1).model_version != 0
     assert sorted(fmt.get_parameters()) == sorted(manifest["onnx"]["slot_inputs"])
+    # Stored small (version 2): fp16, at the adapter's rank 4 of the export's 8.
+    assert fmt.get_adapter_version() == 2
+    spec = SlotSpec.from_dict(manifest["slots"])
+    for name, value in fmt.get_parameters().items():
+        assert value.numpy().dtype == np.float16 and list(value.shape()) == spec.shape(name.rpartition(".")[0], 4)[1:]
+
+
+def test_packed_blob_reads_back_as_the_full_rank_slots(exports, adapters, tmp_path):
+    """Version 2 (fp16, own rank) pads back to the fp32 slots within fp16 rounding; a version 1 blob
+    (fp32, full rank, as earlier odlora wrote) still loads, exactly."""
+    import onnxruntime as ort
+
+    from ondevice_lora.adapter import load_adapter
+    from ondevice_lora.models.slots import slot_tensors
+    from ondevice_lora.runtime.onnx import read_slots
+
+    directory, packed = adapters["a"]
+    manifest = exports["manifests"]["fp32"]
+    spec = SlotSpec.from_dict(manifest["slots"])
+    want = slot_tensors(load_adapter(directory), spec)
+    got = read_slots(packed, manifest)
+    assert {n: list(t.shape) for n, t in got.items()} == {n: list(t.shape) for n, t in want.items()}
+    assert all(torch.allclose(got[n], want[n], rtol=1e-3, atol=1e-6) for n in want)
+    old = ort.AdapterFormat()
+    old.set_adapter_version(1)
+    old.set_model_version(OnnxSession(exports["fp32"], threads=1).model_version)
+    old.set_parameters({f"{n}.{i}": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t[i].numpy()))
+                        for i in range(spec.n_layers) for n, t in want.items()})
+    old.export_adapter(str(tmp_path / "v1.onnx_adapter"))
+    assert all(torch.equal(t, want[n]) for n, t in read_slots(tmp_path / "v1.onnx_adapter", manifest).items())
 
 
 def test_pack_refuses_another_base(exports, tmp_path):
@@ -470,6 +502,7 @@ def test_default_base(default_base, default_reference, default_adapter, default_
         pack(adapter_dir, exported, tmp_path / "r8.onnx_adapter")
         got, _ = session.forward([ref["prompt"]], range(len(ref["prompt"])), session.new_cache(),
                                  session.load_adapter(tmp_path / "r8.onnx_adapter"))
+        assert (tmp_path / "r8.onnx_adapter").stat().st_size <= 5_000_000  # rank 8, all seven linears
         with torch.no_grad():
             want = with_adapter(torch.tensor([ref["prompt"]])).numpy()
         assert np.abs(want - ref["logits"]).max() > 0.1  # the adapter changes the logits

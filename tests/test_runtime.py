@@ -179,8 +179,9 @@ def test_swapping_never_reloads_the_base(built, monkeypatch):
 
 
 def test_lru_evicts_under_a_budget_and_reloads(built):
-    one = built["blobs"]["a"].stat().st_size
-    rt = open_runtime(built, threads=1, cache_bytes=int(1.5 * one))  # room for one packed adapter
+    probe = open_runtime(built, threads=1)  # a loaded adapter's memory: its slot inputs, full rank, fp32
+    one = probe.cache.nbytes / probe.stats()["cache_entries"]
+    rt = open_runtime(built, threads=1, cache_bytes=int(1.5 * one))  # room for one loaded adapter
     assert rt.stats()["cache_entries"] == 1 and rt.cache.nbytes <= rt.cache.budget  # a and b evicted by c
     loads = rt.stats()["adapter_loads"]
     for case in ("a", "b", "a", "a"):

@@ -7,7 +7,10 @@ from typing import Optional
 
 EXECUTORCH_SLOTS_FORMAT = "odlora-executorch-slots"  # safetensors metadata "format" of a .slots blob
 COREML_SLOTS_FORMAT = "odlora-coreml-slots"  # the same for a Core ML blob
-ONNX_ADAPTER_VERSION = 1  # of our .onnx_adapter content (names and layout of the slot tensors)
+# Of our .onnx_adapter content: 1 = the graph's slot inputs as they are (fp32, full rank R);
+# 2 = the same names in fp16 at the adapter's own rank (the runtime pads and widens on load).
+ONNX_ADAPTER_VERSION = 2
+ONNX_ADAPTER_VERSIONS = (1, 2)  # what the runtime reads
 
 
 def onnx_slot_shapes(manifest: dict) -> dict[str, list]:

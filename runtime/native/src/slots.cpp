@@ -1,5 +1,6 @@
 #include "slots.hpp"
 
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 
@@ -35,20 +36,54 @@ size_t SlotTensors::nbytes() const {
 
 namespace {
 
+// IEEE half -> float, exactly (every half is a float): zeros, subnormals, normals, inf and NaN.
+float half_to_float(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);  // rebias 15 -> 127
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal: m * 2^-24; shift m up to its leading 1
+    uint32_t shift = 0;
+    while (!(mantissa & 0x400u)) mantissa <<= 1, ++shift;
+    bits = sign | ((113 - shift) << 23) | ((mantissa & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 struct SafetensorsFile {
   Json header;
   std::vector<char> bytes;  // the data section
 
-  const float* f32(const std::string& name, const std::vector<int64_t>& shape, const std::string& where) const {
+  // Tensor `name` of `shape` as floats: F16 (what odlora packs) widened, or F32 (older blobs) as is.
+  std::vector<float> floats(const std::string& name, const std::vector<int64_t>& shape, const std::string& where) const {
     if (!header.contains(name)) throw Error(where + ": slot tensor " + name + " is missing");
     const Json& info = header[name];
     const auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();
+    const std::string dtype = info.at("dtype").get<std::string>();
+    const size_t width = dtype == "F16" ? 2 : dtype == "F32" ? 4 : 0;
     int64_t count = 1;
     for (auto d : shape) count *= d;
-    if (info.at("dtype") != "F32" || info.at("shape").get<std::vector<int64_t>>() != shape ||
-        offsets.size() != 2 || offsets[1] > bytes.size() || offsets[1] - offsets[0] != count * sizeof(float))
-      throw Error(where + ": slot tensor " + name + " is not F32 " + Json(shape).dump());
-    return reinterpret_cast<const float*>(bytes.data() + offsets[0]);
+    if (width == 0 || info.at("shape").get<std::vector<int64_t>>() != shape || offsets.size() != 2 ||
+        offsets[1] > bytes.size() || offsets[0] > offsets[1] || offsets[1] - offsets[0] != count * width)
+      throw Error(where + ": slot tensor " + name + " is not F16 or F32 " + Json(shape).dump());
+    std::vector<float> out(count);
+    const char* src = bytes.data() + offsets[0];
+    if (width == 4) {
+      std::memcpy(out.data(), src, count * sizeof(float));
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        out[i] = half_to_float(h);
+      }
+    }
+    return out;
   }
 };
 
@@ -93,7 +128,8 @@ SlotTensors SlotTensors::read(const std::string& path, const SlotSpec& spec, con
     const bool is_a = name.rfind("lora_A", 0) == 0;
     const std::vector<int64_t> stored = is_a ? std::vector<int64_t>{s[0], s[1] / R * rank, s[2]}
                                              : std::vector<int64_t>{s[0], s[1], rank};
-    const float* src = f.f32(name, stored, path);
+    const std::vector<float> values = f.floats(name, stored, path);
+    const float* src = values.data();
     float* dst = t.data[name].data();
     if (is_a) {  // each member's `rank` rows go to the start of its R rows
       for (int64_t row = 0; row < stored[0] * stored[1]; ++row) {
