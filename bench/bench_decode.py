@@ -53,7 +53,6 @@ def setup(args) -> dict:
     from bench_runtime import make_adapters
 
     from ondevice_lora.base import load_base
-    from ondevice_lora.exporters.export import export
 
     args.work.mkdir(parents=True, exist_ok=True)
     base = load_base(None)
@@ -61,7 +60,7 @@ def setup(args) -> dict:
     missing = {}
     for path in args.paths:
         try:
-            {"onnx": setup_onnx, "llamacpp": setup_llamacpp, "genai": setup_genai}[path](args, base, adapter_dir, export)
+            {"onnx": setup_onnx, "llamacpp": setup_llamacpp, "genai": setup_genai}[path](args, base, adapter_dir)
         except PeerMissing as e:
             missing[path] = str(e)
     return missing
@@ -71,8 +70,8 @@ class PeerMissing(Exception):
     pass
 
 
-def setup_onnx(args, base, adapter_dir: Path, export) -> None:
-    from ondevice_lora.exporters.export import pack
+def setup_onnx(args, base, adapter_dir: Path) -> None:
+    from ondevice_lora.exporters.export import export, pack
 
     out = args.work / "onnx-int4"
     if not (out / "manifest.json").exists():
@@ -83,7 +82,7 @@ def setup_onnx(args, base, adapter_dir: Path, export) -> None:
         pack(adapter_dir, out, blob)
 
 
-def setup_llamacpp(args, base, adapter_dir: Path, export) -> None:
+def setup_llamacpp(args, base, adapter_dir: Path) -> None:
     from ondevice_lora.adapter import load_adapter
     from ondevice_lora.adapter_gguf import write_lora_gguf
     from ondevice_lora.registry import DEFAULT_BASE, source_gguf
@@ -99,7 +98,7 @@ def setup_llamacpp(args, base, adapter_dir: Path, export) -> None:
         write_lora_gguf(load_adapter(adapter_dir), base.config, lora)
 
 
-def setup_genai(args, base, adapter_dir: Path, export) -> None:
+def setup_genai(args, base, adapter_dir: Path) -> None:
     """Two builds: the base, and the base with the adapter (`adapter_path`). ORT GenAI 0.18's builder
     writes the adapter's factors into the graph as constant int4 MatMulNBits pairs (no
     `.onnx_adapter` for its `Adapters` API to swap: that takes Olive's ExtractAdapters pass), so its

@@ -40,7 +40,6 @@ class OnnxSession:
             raise OdloraError(f"{export_dir}: a {self.manifest['target']} export, not an onnx one")
         info = self.manifest["onnx"]
         self.cache_layout = info["cache_layout"]
-        self.slot_shapes = onnx_slot_shapes(self.manifest)
         self.model_version = onnx_model_version(self.manifest["base_fingerprint"])
         options = ort.SessionOptions()
         options.log_severity_level = 3  # ORT warns once per overridable initializer: by design here
