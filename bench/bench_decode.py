@@ -21,8 +21,9 @@ Each measurement is a fresh process (`--worker PATH VARIANT`), and the paths tak
 round: so no path runs warm in another's cache or while another runs. A worker opens its path,
 warms it with one short request, then times one request: --prompt-tokens tokens of the shipped
 general text as a plain prompt (prefill: tokens / time to the first token), then --tokens greedy
-tokens (decode: tokens after the first / their time). Peak RSS is the worker's ru_maxrss (the
-Python interpreter and the path's libraries included). Medians over --rounds; ratios to llama.cpp
+tokens (decode: tokens after the first / their time). Peak RSS is the worker's VmHWM (the
+Python interpreter and the path's libraries included; not ru_maxrss, which Linux carries over
+from the parent through fork and exec: the parent's export would be every worker's peak). Medians over --rounds; ratios to llama.cpp
 with no adapter, the issue's bar. Prints the table, a JSON line and the command line.
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shlex
 import statistics
 import subprocess
@@ -197,8 +197,14 @@ def worker(args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     path, variant = args.worker
     prefill, decode, tokens = {"onnx": worker_onnx, "llamacpp": worker_llamacpp, "genai": worker_genai}[path](args, variant)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mib()
     print(json.dumps({"prefill": prefill, "decode": decode, "tokens": tokens, "peak_rss_mib": peak}))
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak resident set (Linux's VmHWM, in MiB)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
 def measure(args, path: str, variant: str) -> dict:

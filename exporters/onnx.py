@@ -7,27 +7,28 @@ The graph, one for prefill and decode (T is dynamic, the cache length is fixed):
 
     (tokens[1,T] int64, input_pos[T] int64,
      past_key_0, past_value_0, ..., past_value_{L-1}      each (1, n_kv, max_seq_len, head_dim) fp32,
-     lora_A_qkv.0, lora_B_qkv.0, ..., lora_B_down.{L-1})  layer i of each SlotSpec.layout() tensor
+     lora_AT_qkv.0, lora_BT_qkv.0, ..., lora_BT_down.{L-1})  each layer's slot inputs, rank dynamic
       -> (logits[1,T,vocab], present_key_0, present_value_0, ...)
 
 Rewrites before torch.export, pure functions on the model (the model file stays export-generic):
-`replace_attention_with_fused` (each layer's attention as one ONNX Runtime GroupQueryAttention
-node: RoPE, cache update and grouped-query attention over the filled positions; see
-`onnx_attention.py`) and `replace_kv_cache_with_io` (ONNX Runtime wants a functional graph:
-past-in / present-out tensors instead of in-place buffers; present = past with positions
-`input_pos` overwritten). A runtime feeds present back as the next call's past, or binds both to
-one buffer, which the node then updates in place (`runtime/onnx.py`; the manifest's
-`cache_layout.in_place`). The slotted linears are
-`models.slots.SlottedModel`'s, fed one graph input per layer (see `CacheIOModel` for why).
+`onnx_slots.fuse_projections` (q|k|v, o, gate|up and down each one linear with one slot path: see
+`onnx_slots.py` for the slot inputs' layout and why), `replace_attention_with_fused` (each layer's
+attention as one ONNX Runtime GroupQueryAttention node: RoPE, cache update and grouped-query
+attention over the filled positions; see `onnx_attention.py`), `replace_mlp_with_fused` and
+`replace_kv_cache_with_io` (ONNX Runtime wants a functional graph: past-in / present-out tensors
+instead of in-place buffers; present = past with positions `input_pos` overwritten). A runtime feeds
+present back as the next call's past, or binds both to one buffer, which the node then updates in
+place (`runtime/onnx.py`; the manifest's `cache_layout.in_place`).
 
-Slots: every slot input also has an all-zero *sparse* initializer of the same name. ONNX Runtime
-treats an initializer that is also a graph input as overridable: with no adapter active it uses
-the zeros (exactly the base, and no bytes in the files), and the runtime feeds an adapter's
-tensors under those names (read from an `.onnx_adapter` file from `pack_slots`: fp16 at the
-adapter's own rank, padded to R when it is loaded; `runtime/onnx.py`). Measured on ORT 1.32: an *empty* default (`[L,0,in]`, what
-Olive's ExtractAdapters writes for its per-projection inputs) breaks here, because ORT fuses our
-fixed-rank slices into a Split that rejects a zero-size axis; full-size dense zeros work too but
-cost 4·|slots| bytes on disk.
+After the export, graph passes (`onnx_graph.py`): the weights quantised (`onnx_quant.py`), q|k|v fed
+to GroupQueryAttention packed, each residual Add folded into the norm after it
+(SkipSimplifiedLayerNormalization), and chains of Adds summed in one node.
+
+Slots: every slot input also has an *empty* initializer of the same name (`[in, 0]`, `[0, width]`).
+ONNX Runtime treats an initializer that is also a graph input as overridable: with no adapter fed the
+slot path multiplies by rank 0 (exactly the base, no bytes in the files), and the runtime feeds an
+adapter's tensors under those names at the adapter's own rank (read from an `.onnx_adapter` file from
+`pack_slots`, fp16 at its rank, laid out and widened when it is loaded; `runtime/onnx.py`).
 
 int8/int4 quantise the frozen base weights to ONNX Runtime's MatMulNBits and the embedding to
 GatherBlockQuantized (`onnx_quant.py`, which says why not ORT's own quantizer). Slot inputs are
@@ -45,15 +46,15 @@ import torch
 from torch import nn
 
 from ..errors import OdloraError
-from ..formats.blobs import ONNX_ADAPTER_VERSION, onnx_model_version, onnx_slot_shapes
+from ..formats.blobs import ONNX_ADAPTER_VERSION, onnx_model_version
 from ..formats.slots import SlotSpec
-from ..models.llama import Attention
-from ..models.slots import SlottedModel, zero_slots
+from ..models.llama import MLP, Attention
 from ..quiet import quiet
 from . import onnx_attention, onnx_norm
 from .onnx_attention import check_head_dim
-from .onnx_graph import fuse_shared_input_matmuls
+from .onnx_graph import fold_residual_norms, pack_qkv_into_attention, sum_add_chains
 from .onnx_quant import quantize_weights
+from .onnx_slots import fuse_projections, slot_feed, slot_input_names
 
 QUANTS = ("fp32", "int8", "int4")
 FAMILIES = ("llama",)  # the model families (`models.family_of`) it knows the structure of
@@ -87,14 +88,15 @@ def replace_kv_cache_with_io(model: nn.Module) -> list[KVCacheIO]:
 
 class FusedAttention(Attention):
     """The same attention as one GroupQueryAttention node (`onnx_attention.py`): RoPE, the cache
-    update and grouped-query attention over the filled positions. `rope` holds the (cos, sin)
-    tables of the export's positions, the graph's constants."""
+    update and grouped-query attention over the filled positions. q, k and v come from one
+    projection (`self.qkv`), o from `self.o` (`onnx_slots.fuse_projections`). `rope` holds the
+    (cos, sin) tables of the export's positions, the graph's constants."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv(x).split(self.qkv.sizes, dim=-1)
         if hasattr(self, "q_norm"):  # Qwen3: each head normalised before RoPE
             q = self.q_norm(q.view(B, T, -1, self.head_dim)).reshape(B, T, -1)
             k = self.k_norm(k.view(B, T, -1, self.head_dim)).reshape(B, T, -1)
@@ -102,7 +104,7 @@ class FusedAttention(Attention):
         y, present_k, present_v = torch.ops.odlora.group_query_attention(
             q, k, v, cache.k_cache, cache.v_cache, input_pos, *self.rope, self.n_heads, self.n_kv_heads)
         cache.present = (present_k, present_v)
-        return self.o_proj(y)
+        return self.o(y)
 
 
 def replace_attention_with_fused(model: nn.Module, max_seq_len: int) -> None:
@@ -117,49 +119,65 @@ def replace_attention_with_fused(model: nn.Module, max_seq_len: int) -> None:
         layer.self_attn.rope = rope
 
 
+class FusedMLP(MLP):
+    """The same SwiGLU MLP over the fused projections: gate|up in one, then down."""
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split(self.gate_up.sizes, dim=-1)
+        return self.down(self.activate(gate, up))
+
+
+def replace_mlp_with_fused(model: nn.Module) -> None:
+    for layer in model.model.layers:
+        layer.mlp.__class__ = FusedMLP
+
+
 def cache_names(n_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
 
 
-def per_layer_slots(slots: dict[str, torch.Tensor], spec: SlotSpec) -> dict[str, torch.Tensor]:
-    """Stacked slot tensors (`slot_tensors`' output) -> the graph's per-layer slot inputs."""
-    return {f"{name}.{layer}": slots[name][layer] for layer in range(spec.n_layers) for name in spec.layout()}
-
-
 class CacheIOModel(nn.Module):
-    """`forward(tokens, input_pos, *past_caches, *per_layer_slots) -> (logits, *present_caches)`.
-
-    The slotted linears are `SlottedModel`'s, but each layer's slice of a slot tensor is its own
-    graph input (`SlotSpec.per_layer_names`): with the stacked (L, ...) inputs of `SlottedModel.forward`
-    ONNX Runtime copies every layer's slice out of the stack on every call (Gather/Split), which
-    measured 37% over the slot-free graph per int4 decode step against 13% for per-layer inputs
-    (1 thread, CPU time, default base, r <= 16 on all seven linears).
-    """
+    """`forward(tokens, input_pos, *past_caches, *slot_inputs) -> (logits, *present_caches)`, the
+    slot inputs as `onnx_slots.slot_input_names` orders them (layer-major: AT, BT per slotted group)."""
 
     def __init__(self, model: nn.Module, spec: SlotSpec, max_seq_len: int):
         super().__init__()
+        self.projections = fuse_projections(model, spec)
         replace_attention_with_fused(model, max_seq_len)
+        replace_mlp_with_fused(model)
         onnx_norm.replace_norms_with_fused(model)
         self.caches = replace_kv_cache_with_io(model)
-        self.slotted = SlottedModel(model, spec)
+        self.model = model
 
     def forward(self, tokens, input_pos, *flat):
         n = 2 * len(self.caches)
         for i, cache in enumerate(self.caches):
             cache.k_cache, cache.v_cache = flat[2 * i], flat[2 * i + 1]
-        slots = iter(flat[n:])  # SlotSpec.per_layer_names order: layer-major, then spec.layout() order
-        for groups in self.slotted.groups:
-            named = {name: next(slots) for name in self.slotted.slot_names}
-            for group_name, group in groups.items():
-                group.set(named[f"lora_A_{group_name}"], named[f"lora_B_{group_name}"])
-        logits = self.slotted.model(tokens, input_pos=input_pos)
+        slots = iter(flat[n:])
+        slotted = [p for layer in self.projections for p in layer.values() if p.slotted]
+        for projection in slotted:
+            projection.slot = (next(slots), next(slots))
+        logits = self.model(tokens, input_pos=input_pos)
         present = [t for cache in self.caches for t in cache.present]
         for cache in self.caches:  # drop references to this call's tensors
             cache.k_cache = cache.v_cache = cache.present = None
-        for groups in self.slotted.groups:
-            for group in groups.values():
-                group.set(None, None)
+        for projection in slotted:
+            projection.slot = None
         return (logits, *present)
+
+
+def example_slot_inputs(graph: CacheIOModel, spec: SlotSpec) -> tuple[list[torch.Tensor], dict]:
+    """Example AT/BT tensors at the export's rank R (any rank >= 2 would do: torch.export specialises
+    sizes 0 and 1), and each one's dynamic dimension: one per group (m·r columns of AT, rows of BT)."""
+    tensors, dims = [], {}
+    for layer in graph.projections:
+        for group, members in spec.groups().items():
+            projection = layer[group]
+            dim = dims.setdefault(group, torch.export.Dim(f"rank_{group}", min=0, max=len(members) * 4096))
+            rank = len(members) * spec.max_rank
+            tensors += [(torch.zeros(projection.weight.shape[1], rank), {1: dim}),
+                        (torch.zeros(rank, projection.weight.shape[0]), {0: dim})]
+    return [t for t, _ in tensors], [d for _, d in tensors]
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -180,11 +198,11 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
     graph = CacheIOModel(model, spec, max_seq_len).eval()
     T = min(3, max_seq_len)  # not 1: torch.export would specialise T to the example's size
     caches = [torch.zeros(cache_shape) for _ in range(2 * a.n_layers)]
-    slots = per_layer_slots(zero_slots(spec), spec).values()
+    slots, slot_dims = example_slot_inputs(graph, spec)
     example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T), *caches, *slots)
     t_dim = torch.export.Dim("T", min=1, max=max_seq_len)
-    dynamic = ({1: t_dim}, {0: t_dim}, (None,) * (len(example) - 2))
-    inputs = ["tokens", "input_pos", *cache_names(a.n_layers, "past"), *spec.per_layer_names()]
+    dynamic = ({1: t_dim}, {0: t_dim}, (None,) * len(caches) + tuple(slot_dims))
+    inputs = ["tokens", "input_pos", *cache_names(a.n_layers, "past"), *slot_input_names(spec)]
     outputs = ["logits", *cache_names(a.n_layers, "present")]
     with torch.no_grad(), quiet_toolchain():
         program = torch.export.export(graph, example, dynamic_shapes=dynamic, strict=False)
@@ -197,9 +215,12 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
     del onnx_program, program
     for node in proto.graph.node:  # stack traces and module paths: bytes, and this machine's file paths
         del node.metadata_props[:]
-    fuse_shared_input_matmuls(proto)
     quantization = quantize_weights(proto, quant)
-    add_zero_slot_defaults(proto, spec)
+    pack_qkv_into_attention(proto)
+    fold_residual_norms(proto)
+    sum_add_chains(proto)
+    add_empty_slot_defaults(proto)
+    name_rank_dims(proto)
     out_dir = Path(out_dir)
     onnx.save_model(proto, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
@@ -215,9 +236,12 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
             "update": "present = past with positions input_pos overwritten; feed present as the next past",
             "in_place": True,  # present may be bound to past's buffer (IO binding): the rows are written there
         },
-        "slot_inputs": spec.per_layer_names(),
-        "slot_input_layout": "<slot>.<layer> is layer <layer> of the stacked slot tensor <slot> (slots.layout)",
-        "slot_defaults": "zeros (sparse initializers, overridden by the fed slot inputs)",
+        "slot_inputs": slot_input_names(spec),
+        "slot_input_layout": ("lora_AT_<group>.<layer> (in, m·r) and lora_BT_<group>.<layer> (m·r, width): the "
+                              "group's slotted members' A transposed side by side and their B transposed, "
+                              "block-diagonal at the columns slot_feed gives; r dynamic (onnx_slots.py)"),
+        "slot_feed": slot_feed(graph.projections[0], spec),
+        "slot_defaults": "empty (rank 0: the base), overridden by the fed slot inputs",
         "quantization": quantization,
     }}
 
@@ -254,28 +278,42 @@ def describe(values) -> list[dict]:
              "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name} for v in values]
 
 
-def add_zero_slot_defaults(proto, spec: SlotSpec) -> None:
-    """An all-zero sparse initializer per slot input: with no adapter active the graph is the base."""
+def name_rank_dims(proto) -> None:
+    """Name each slot input's rank dimension `rank_<group>` (torch.onnx numbers them: s3, s7, ...)."""
+    for value in proto.graph.input:
+        factor, _, group = value.name.partition(".")[0].removeprefix("lora_").partition("_")
+        if factor in ("AT", "BT"):
+            value.type.tensor_type.shape.dim[1 if factor == "AT" else 0].dim_param = f"rank_{group}"
+
+
+def add_empty_slot_defaults(proto) -> None:
+    """An empty initializer per slot input (rank 0): with no adapter fed the graph is the base."""
     from onnx import TensorProto, helper
 
-    existing = {i.name for i in proto.graph.initializer} | {s.values.name for s in proto.graph.sparse_initializer}
-    for name, tensor in per_layer_slots(zero_slots(spec), spec).items():
-        if name in existing:
-            raise OdloraError(f"internal: the exported graph already has an initializer named {name}")
-        values = helper.make_tensor(name, TensorProto.FLOAT, [0], [])
-        indices = helper.make_tensor(f"{name}_indices", TensorProto.INT64, [0], [])
-        proto.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(tensor.shape)))
+    existing = {i.name for i in proto.graph.initializer}
+    for value in proto.graph.input:
+        if not value.name.startswith("lora_"):
+            continue
+        if value.name in existing:
+            raise OdloraError(f"internal: the exported graph already has an initializer named {value.name}")
+        shape = [d.dim_value if d.dim_value else 0 for d in value.type.tensor_type.shape.dim]  # the rank dim: 0
+        proto.graph.initializer.append(helper.make_tensor(value.name, TensorProto.FLOAT, shape, []))
 
 
 # -- adapters ----------------------------------------------------------------------------------
+
+def per_layer_slots(slots: dict[str, torch.Tensor], spec: SlotSpec) -> dict[str, torch.Tensor]:
+    """Stacked slot tensors -> `<slot>.<layer>` per layer (`SlotSpec.per_layer_names` order), as views."""
+    return {f"{name}.{layer}": slots[name][layer] for layer in range(spec.n_layers) for name in spec.layout()}
+
 
 def pack_slots(slots: dict[str, torch.Tensor], manifest: dict, out_file: Path) -> None:
     """Write one adapter's slot tensors as an ONNX Runtime `.onnx_adapter` file (AdapterFormat).
 
     Stored small: in fp16, at the adapter's own rank r (the slots' all-zero tail beyond r dropped),
-    per layer as the graph names its inputs (adapter version 2). A rank-8 all-linear adapter of the
-    default base is 4.9 MB instead of 19.6 MB at fp32 and R = 16; the runtime pads and widens it
-    once, when it loads the blob (`runtime/onnx.py` `read_adapter_slots`). fp16 keeps a factor to
+    per layer and slot tensor, `<slot>.<layer>` (`SlotSpec.per_layer_names`; adapter version 2). A
+    rank-8 all-linear adapter of the default base is 4.9 MB instead of 19.6 MB at fp32 and R = 16;
+    the runtime lays it into the graph's slot inputs once, when it loads the blob (`runtime/onnx.py`). fp16 keeps a factor to
     3 significant digits, far inside what int4/int8 bases and the adapters' own noise allow (the
     tests hold the logits to the fp32 slots')."""
     import onnxruntime as ort
@@ -283,9 +321,6 @@ def pack_slots(slots: dict[str, torch.Tensor], manifest: dict, out_file: Path) -
     spec = SlotSpec.from_dict(manifest["slots"])
     if list(slots) != list(spec.layout()):
         raise OdloraError(f"slot tensors {list(slots)} do not match the export's layout {list(spec.layout())}")
-    expected = onnx_slot_shapes(manifest)
-    if set(spec.per_layer_names()) != set(expected):
-        raise OdloraError(f"the export's slot inputs {sorted(expected)} are not per layer; re-export it")
     rank = max(1, spec.used_rank(slots))
     params = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.detach().to(torch.float16).numpy()))
               for name, t in per_layer_slots(spec.resize_rank(slots, spec.max_rank, rank), spec).items()}

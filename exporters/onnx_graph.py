@@ -1,60 +1,110 @@
-"""Rewrites of an exported ONNX graph, in place, before quantisation: fewer, larger nodes.
+"""Rewrites of an exported ONNX graph, in place: fewer, larger nodes, each exact.
 
-A decode step of the default base runs ~2,000 nodes for 116 MiB of weights; on a 2-core CPU each
-node costs a few microseconds of its own, so the number of nodes is part of the step time.
+A decode step of the default base is a few milliseconds; every node costs on the order of a
+microsecond of ONNX Runtime's own time, and a node that copies (a Split) or reads a tensor twice
+more, so nodes that ONNX Runtime's kernels can do in one are merged here:
+
+- `pack_qkv_into_attention`: GroupQueryAttention reads q|k|v packed (no Split);
+- `fold_residual_norms`: a residual Add and the RMSNorm after it are one SkipSimplifiedLayerNormalization
+  (ONNX Runtime's own fusion does not match the graph torch.onnx writes);
+- `sum_add_chains`: `((a + b) + c) + d` is one Sum (a linear's weight term, block-minimum term,
+  bias and slot term);
+- `fold_weight_transposes` (for the quantiser): constant weights read through a Transpose.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter
 
-import numpy as np
+MS_DOMAIN = "com.microsoft"
 
 
-def fuse_shared_input_matmuls(proto) -> int:
-    """Every set of constant-weight MatMuls that read one input becomes one MatMul over the
-    weights side by side, and a Split of its output into the original outputs (q, k and v of a
-    layer; gate and up). Exact: each output column is the same dot product as before, and a
-    quantiser that works per output column (onnx_quant.py) sees the same columns. Returns the
-    number of MatMuls fused away.
-    """
-    from onnx import helper, numpy_helper
+def producers(graph) -> dict:
+    return {name: node for node in graph.node for name in node.output}
 
-    graph = proto.graph
-    initializers = {i.name: i for i in graph.initializer}
-    overridable = {i.name for i in graph.input}  # an initializer that is also an input is not a constant
-    readers = defaultdict(list)  # input -> the constant-weight MatMuls that read it, in graph order
-    for node in graph.node:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is not None and node.input[1] not in overridable and len(weight.dims) == 2:
-            readers[node.input[0]].append(node)
-    fused_at, fused_away = {}, set()
-    for x, nodes in readers.items():
-        weights = [numpy_helper.to_array(initializers[n.input[1]]) for n in nodes]
-        if len(nodes) < 2 or len({(w.shape[0], w.dtype) for w in weights}) != 1:
-            continue
-        name = f"{nodes[0].output[0]}_fused"
-        graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}.weight"))
-        sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{name}.sizes")
-        graph.initializer.append(sizes)
-        fused_at[id(nodes[0])] = [
-            helper.make_node("MatMul", [x, f"{name}.weight"], [name], name=name),
-            helper.make_node("Split", [name, sizes.name], [n.output[0] for n in nodes], name=f"{name}_split", axis=-1)]
-        fused_away.update(id(n) for n in nodes)
-    kept = []
-    for node in graph.node:  # the fused pair takes the first reader's place: x exists there, no output is read before
-        kept.extend(fused_at.get(id(node), [] if id(node) in fused_away else [node]))
+
+def consumers(graph) -> Counter:
+    """How many times each value is read (graph outputs count once)."""
+    counts = Counter(name for node in graph.node for name in node.input if name)
+    counts.update(o.name for o in graph.output)
+    return counts
+
+
+def drop_nodes(graph, dropped: set[str]) -> None:
+    """Remove the nodes whose first output is in `dropped`."""
+    kept = [node for node in graph.node if node.output[0] not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
-    drop_unused_initializers(proto)
-    return len(fused_away) - len(fused_at)
 
 
-def drop_unused_initializers(proto) -> None:
-    used = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
-    kept = [i for i in proto.graph.initializer if i.name in used]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
+def pack_qkv_into_attention(proto) -> int:
+    """Each GroupQueryAttention whose q, k and v are the outputs of one Split, in order and read by
+    nothing else, takes the Split's input as packed q|k|v (key and value left empty), and the Split
+    goes. Returns the number of nodes packed."""
+    graph = proto.graph
+    made_by, reads = producers(graph), consumers(graph)
+    dropped = set()
+    for node in graph.node:
+        split = made_by.get(node.input[0]) if node.op_type == "GroupQueryAttention" else None
+        if (split is None or split.op_type != "Split" or list(node.input[:3]) != list(split.output)
+                or any(reads[name] != 1 for name in split.output)):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        dropped.add(split.output[0])
+    drop_nodes(graph, dropped)
+    return len(dropped)
+
+
+def fold_residual_norms(proto) -> int:
+    """`s = a + b; y = SimplifiedLayerNormalization(s)` -> `y, s = SkipSimplifiedLayerNormalization(a, b)`:
+    the sum is still an output for the next residual. Returns the number of norms folded."""
+    from onnx import helper
+
+    graph = proto.graph
+    made_by = producers(graph)
+    dropped = set()
+    for i, node in enumerate(graph.node):
+        add = made_by.get(node.input[0]) if node.op_type == "SimplifiedLayerNormalization" else None
+        if add is None or add.op_type != "Add" or add.output[0] in dropped:
+            continue
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        graph.node[i].CopyFrom(helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], node.input[1]],
+            [node.output[0], "", "", add.output[0]], name=f"{node.name}_skip", domain=MS_DOMAIN, epsilon=epsilon))
+        dropped.add(add.output[0])
+    drop_nodes(graph, dropped)
+    if dropped and not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return len(dropped)
+
+
+def sum_add_chains(proto) -> int:
+    """An Add whose input is another Add read only by it becomes one Sum of all their terms, as
+    far as the chain goes (Sum broadcasts as Add does). Returns the number of Adds merged away."""
+    from onnx import helper
+
+    graph = proto.graph
+    made_by, reads = producers(graph), consumers(graph)
+    outputs = {o.name for o in graph.output}
+
+    def terms(name: str) -> list[str]:
+        node = made_by.get(name)
+        if node is None or node.op_type not in ("Add", "Sum") or reads[name] != 1 or name in outputs:
+            return [name]
+        return [t for x in node.input for t in terms(x)]
+
+    merged = set()
+    for i, node in enumerate(graph.node):
+        if node.op_type != "Add":
+            continue
+        inputs = [t for x in node.input for t in terms(x)]
+        if len(inputs) > 2:
+            merged.update(x for x in node.input if len(terms(x)) > 1)
+            graph.node[i].CopyFrom(helper.make_node("Sum", inputs, list(node.output), name=node.name))
+            made_by[node.output[0]] = graph.node[i]
+    # An inner Add merged into a later one is dropped; the later one (now a Sum) stays.
+    drop_nodes(graph, merged)
+    return len(merged)
 
 
 def fold_weight_transposes(proto) -> None:

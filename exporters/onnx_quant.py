@@ -2,12 +2,16 @@
 
 Every constant-weight MatMul `x @ W` (W is K x N) becomes
 
-    MatMulNBits(x, q, d)  +  (x @ P) @ (m + 2^(bits-1) d)
+    MatMulNBits(x, q, d)  +  MatMulNBits8(x @ P, c)        c = m + 2^(bits-1) d
 
 with, per block of inputs of each output column (`BLOCK_SIZES`), `m` the block's minimum, `d` its step
-`(max - min) / (2^bits - 1)` and `q = round((w - m) / d)` unsigned. `P` (K x blocks, 0/1) sums
-the inputs of each block, so the second term adds `m` times that sum: the float minimum that
-MatMulNBits' integer zero points cannot hold.
+`(max - min) / (2^bits - 1)` and `q = round((w - m) / d)` unsigned; the first term is MatMulNBits'
+symmetric kernel, `d (q - 2^(bits-1))`, and the second adds each block's offset `c` times the sum of
+its inputs (`P`, K x blocks of 0/1): the float minimum that MatMulNBits' integer zero points cannot
+hold. The offsets (blocks x N) are themselves stored as 8-bit symmetric blocks of `OFFSET_BLOCK`
+along the blocks axis: as fp32 they were 13 MB read per decode step of the default base, and the
+term cost ~0.7 ms of an ~8.5 ms step more than in 8 bits, which moves held-out perplexity by +0.3%
+(26.89 -> 26.96; each offset within 1/254 of its group's largest).
 
 Why not ONNX Runtime's own `MatMulNBitsQuantizer`: GGUF bases are already on such a grid
 (Q4_1: `w = d q + m` in blocks of 32 with a float `m`; the default base is one). Its
@@ -15,11 +19,13 @@ integer zero point rounds `m / d`, moving every weight of a block by up to half 
 4-bit export of the default base lost 28% held-out perplexity to that. MatMulNBits also accepts
 float zero points, which would hold `m`, but ORT 1.32's CPU kernel then dequantises the whole
 weight per call (3 ms instead of 48 us for one 576 x 1536 decode step). The separate minimum
-term reproduces a Q4_1 weight exactly at 4 bits (blocks of 32), and within half an 8-bit step at 8.
+term reproduces a Q4_1 weight at 4 bits (blocks of 32) up to the 8-bit rounding of its offset.
 
-The embedding table (a Gather) is stored as 8-bit symmetric blocks (GatherBlockQuantized),
-exact for a Q8_0 table; a tied LM head gets its own 8-bit MatMulNBits copy, whatever the width
-of the other linears (the head's 4-bit error dominated: +12% perplexity in one measurement).
+The embedding table (a Gather) and the LM head are 8-bit symmetric blocks of 32 (`TABLE_BLOCK`):
+exact for a Q8_0 table (the default base's), whatever the width of the other linears (a 4-bit head's
+error dominated: +12% perplexity in one measurement), and with no block-minimum term (symmetric:
+MatMulNBits' own kernel). A tied head and the embedding share one copy of the bytes: MatMulNBits
+reads it as `(vocab, blocks, 32)`, GatherBlockQuantized gathers rows of the same tensor.
 
 `ACCURACY_LEVEL` 4 lets MatMulNBits multiply with int8 activations (per block): the fast CPU path.
 """
@@ -41,8 +47,9 @@ BLOCK_SIZES = {"int8": 16, "int4": 32}
 # 8-bit weights 281 at level 1 (fp32 compute: ORT 1.32's CPU falls back to dequantising per call),
 # 17 at level 4; 4-bit 20.8 -> 15.6 (measured with ORT's own quantizer; same kernels).
 ACCURACY_LEVEL = 4
-HEAD_BITS = 8
-EMBEDDING_BITS = 8
+TABLE_BITS = 8  # the embedding and the LM head
+TABLE_BLOCK = 32  # Q8_0's block
+OFFSET_BLOCK = 16  # the block offsets' own 8-bit blocks (along a column's blocks: 18 of them for K = 576)
 
 
 def block_quantize(weight: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -63,13 +70,13 @@ def block_quantize(weight: np.ndarray, bits: int, block: int) -> tuple[np.ndarra
 
 
 def symmetric_rows(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """An embedding table (V, D) as 8-bit symmetric blocks along D: (uint8 q + 128, scales (V, D/block))."""
+    """A table (V, D) as 8-bit symmetric blocks along D: (uint8 q + 128 (V, D/block, block), scales (V, D/block))."""
     v, d = table.shape
     blocks = table.reshape(v, d // block, block).astype(np.float32)
     scale = np.abs(blocks).max(axis=2) / 127
     scale[scale == 0] = 1.0
     q = np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128
-    return q.astype(np.uint8).reshape(v, d), scale.astype(np.float32)
+    return q.astype(np.uint8), scale.astype(np.float32)
 
 
 class GraphQuantizer:
@@ -87,6 +94,7 @@ class GraphQuantizer:
         self.nodes: list = []
         self.dropped: set[str] = set()
         self.counts = {"MatMulNBits": 0, "GatherBlockQuantized": 0, "kept_fp32": 0}
+        self.tables: dict[str, tuple[str, str, tuple]] = {}  # source -> 8-bit symmetric copy (q, scales, shape)
 
     def add_initializer(self, array: np.ndarray, name: str) -> str:
         self.graph.initializer.append(self.from_array(array, name))
@@ -123,44 +131,84 @@ class GraphQuantizer:
                                          self.add_initializer(step, f"{prefix}.step")],
                          f"{prefix}_nbits", domain="com.microsoft", K=k, N=n, bits=bits,
                          block_size=self.block, accuracy_level=ACCURACY_LEVEL)
-        offset = self.node("MatMul", [self.block_sum(x, k), self.add_initializer(low, f"{prefix}.min")],
-                           f"{prefix}_min")
-        self.node("Add", [main, offset], prefix)
+        self.node("Add", [main, self.offsets(self.block_sum(x, k), low, prefix)], prefix)
         self.dropped.add(w)
         self.counts["MatMulNBits"] += 1
 
-    def gather(self, node) -> None:
+    def offsets(self, sums: str, low: np.ndarray, prefix: str) -> str:
+        """`sums @ low` (low: blocks x N) as an 8-bit symmetric MatMulNBits, low's columns in blocks of
+        OFFSET_BLOCK (zero-padded to whole blocks)."""
+        blocks, n = low.shape
+        padded = np.zeros((n, -(-blocks // OFFSET_BLOCK) * OFFSET_BLOCK), np.float32)
+        padded[:, :blocks] = low.T
+        q, scale = symmetric_rows(padded, OFFSET_BLOCK)
+        return self.node("MatMulNBits", [sums, self.add_initializer(q, f"{prefix}.min.q8"),
+                                         self.add_initializer(scale, f"{prefix}.min.scale")],
+                         f"{prefix}_min", domain="com.microsoft", K=blocks, N=n, bits=8, block_size=OFFSET_BLOCK,
+                         accuracy_level=ACCURACY_LEVEL)
+
+    def table(self, rows: np.ndarray, source: str) -> tuple[str, str, tuple]:
+        """`rows` (R, D) as 8-bit symmetric blocks: the (q (R, D/b, b), scales (R, D/b)) initializers, made
+        once per `source` (the embedding and a head tied to it pass the same)."""
+        if source not in self.tables:
+            q, scale = symmetric_rows(rows, TABLE_BLOCK)
+            self.tables[source] = (self.add_initializer(q, f"{source}.q8"), self.add_initializer(scale, f"{source}.scale"),
+                                   q.shape)
+        return self.tables[source]
+
+    def head(self, node, rows: np.ndarray, source: str) -> None:
+        """The LM head `x @ rows.T` as one symmetric 8-bit MatMulNBits."""
+        x, w = node.input
+        q, scale, (n, blocks, block) = self.table(rows, source)
+        self.node("MatMulNBits", [x, q, scale], node.output[0], domain="com.microsoft", K=blocks * block, N=n,
+                  bits=TABLE_BITS, block_size=block, accuracy_level=ACCURACY_LEVEL)
+        self.dropped.add(w)
+        self.counts["MatMulNBits"] += 1
+
+    def gather(self, node, source: str) -> None:
+        """The embedding as GatherBlockQuantized over the table's (V, D/b, b) bytes, reshaped to (..., D)."""
         table, indices = node.input
-        q, scale = symmetric_rows(self.to_array(self.initializers[table]), self.block)
-        self.node("GatherBlockQuantized", [self.add_initializer(q, f"{table}.q8"), indices,
-                                           self.add_initializer(scale, f"{table}.scale")],
-                  node.output[0], domain="com.microsoft", bits=EMBEDDING_BITS, block_size=self.block,
-                  gather_axis=0, quantize_axis=1)
+        q, scale, (_, blocks, block) = self.table(self.to_array(self.initializers[table]), source)
+        if f"{scale}3" not in self.initializers:  # the gather wants the scales with the data's rank
+            self.add_initializer(self.to_array(self.initializers[scale])[..., None], f"{scale}3")
+            self.add_initializer(np.array([0, 0, blocks * block], np.int64), f"{q}.row_shape")
+        rows = self.node("GatherBlockQuantized", [q, indices, f"{scale}3"], f"{node.output[0]}_blocks",
+                         domain="com.microsoft", bits=TABLE_BITS, block_size=block, gather_axis=0, quantize_axis=2)
+        self.node("Reshape", [rows, f"{q}.row_shape"], node.output[0])
         self.dropped.add(table)
         self.counts["GatherBlockQuantized"] += 1
 
-    def quantizable(self, node) -> Optional[str]:
-        """"matmul", "gather" or None for a node whose weight is a 2-D initializer that divides in blocks."""
+    def kind(self, node, head_weight: Optional[str]) -> Optional[str]:
+        """What becomes of a node: "matmul", "head" (the LM head's MatMul), "gather" (the embedding),
+        "kept" (a constant weight that does not divide in blocks: stays fp32) or None (not a weight's)."""
         weight_index = {"MatMul": 1, "Gather": 0}.get(node.op_type)
         if weight_index is None or node.input[weight_index] not in self.initializers:
             return None
         if node.op_type == "Gather" and node.input[1] != "tokens":
             return None  # not the embedding (a RoPE table, say)
+        kind = "head" if node.op_type == "MatMul" and node.input[1] == head_weight else node.op_type.lower()
         dims = list(self.initializers[node.input[weight_index]].dims)
         axis = 0 if node.op_type == "MatMul" else 1  # the K of x @ W; the row width of a table
-        if len(dims) != 2 or dims[axis] % self.block:
-            self.counts["kept_fp32"] += 1
-            return None
-        return node.op_type.lower()
+        block = self.block if kind == "matmul" else TABLE_BLOCK
+        return kind if len(dims) == 2 and dims[axis] % block == 0 else "kept"
 
-    def run(self, head_input: Optional[str]) -> None:
-        for node in list(self.graph.node):
-            kind = self.quantizable(node)
+    def run(self, head_weight: Optional[str]) -> None:
+        """Quantise, in place, every MatMul with a constant weight (the LM head's, `head_weight`, as a
+        symmetric 8-bit table) and the embedding Gather."""
+        kinds = [self.kind(node, head_weight) for node in self.graph.node]
+        embedding = next((n.input[0] for n, k in zip(self.graph.node, kinds) if k == "gather"), None)
+        head_rows = self.to_array(self.initializers[head_weight]).T if "head" in kinds else None
+        tied = (embedding is not None and head_rows is not None
+                and np.array_equal(head_rows, self.to_array(self.initializers[embedding])))
+        for node, kind in zip(list(self.graph.node), kinds):
             if kind == "matmul":
-                self.matmul(node, HEAD_BITS if node.input[1] == head_input else self.bits)
+                self.matmul(node, self.bits)
+            elif kind == "head":
+                self.head(node, head_rows, embedding if tied else head_weight)
             elif kind == "gather":
-                self.gather(node)
+                self.gather(node, node.input[0])
             else:
+                self.counts["kept_fp32"] += kind == "kept"
                 self.nodes.append(node)
         del self.graph.node[:]
         self.graph.node.extend(self.nodes)
@@ -192,6 +240,7 @@ def quantize_weights(proto, quant: str) -> Optional[dict]:
     quantizer = GraphQuantizer(proto, bits, BLOCK_SIZES[quant])
     quantizer.run(lm_head_weight(proto))
     return {"tool": "odlora block quantisation to MatMulNBits (onnx_quant.py)", "bits": bits,
-            "block_size": BLOCK_SIZES[quant], "scheme": "unsigned with a float block minimum (exact on a Q4_1 grid)",
-            "lm_head_bits": HEAD_BITS, "embedding": f"int{EMBEDDING_BITS} symmetric blocks (GatherBlockQuantized)",
+            "block_size": BLOCK_SIZES[quant], "scheme": "unsigned with a float block minimum (a Q4_1 grid), the minimums in 8 bits",
+            "lm_head_bits": TABLE_BITS,
+            "embedding": f"int{TABLE_BITS} symmetric blocks of {TABLE_BLOCK} (GatherBlockQuantized), shared with a tied head",
             "accuracy_level": ACCURACY_LEVEL, **quantizer.counts}

@@ -2,11 +2,14 @@
 
 The KV caches are graph inputs and outputs, so each sequence owns its state and requests run in
 parallel on one InferenceSession (ORT's Run is thread-safe). An adapter is the graph's slot inputs,
-fed per call (or bound once per sequence): they have overridable zero initializers, and an input
-in the feed replaces them. A packed `.onnx_adapter` is read once into those inputs, padded to the
-export's rank and widened to fp32 (`read_slots`: blobs are stored fp16 at their own rank), not
-fed as an `onnxruntime.LoraAdapter`: ORT's IO binding, which the in-place cache needs, ignores a
-RunOptions' active LoraAdapter (measured on ORT 1.32), and a LoraAdapter feeds tensors only as stored.
+fed per call (or bound once per sequence): they have overridable empty initializers (rank 0, the
+base), and an input in the feed replaces them. A packed `.onnx_adapter` is read once into those
+inputs (`read_slots`, then `transposed_slot_inputs`: each layer and group at its own used rank, in
+fp32, in the layout of the manifest's `slot_feed`; a layer or group the adapter leaves at zero is not
+fed at all), not fed as an `onnxruntime.LoraAdapter`: ORT's IO binding, which the in-place cache
+needs, ignores a RunOptions' active LoraAdapter (measured on ORT 1.32), and a LoraAdapter feeds
+tensors only as stored. Exports written before `slot_feed` (fixed-rank `lora_A_<group>.<layer>`
+inputs) get the padded full-rank tensors they take (`fixed_rank_slot_inputs`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import OdloraError
-from ..formats.blobs import ONNX_ADAPTER_VERSIONS, onnx_model_version, onnx_slot_shapes
+from ..formats.blobs import ONNX_ADAPTER_VERSIONS, onnx_model_version
 from ..formats.manifest import read_manifest
 from ..formats.slots import SlotSpec
 from .backends import Backend, Loaded, tensors_nbytes
@@ -48,6 +51,7 @@ class OnnxSession:
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.dir / info["model"]), options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.vocab_size = self.session.get_outputs()[0].shape[-1]
 
     @property
     def max_seq_len(self) -> int:
@@ -63,11 +67,14 @@ class OnnxSession:
         return self.adapter_from_slots(read_slots(path, self.manifest))
 
     def adapter_from_slots(self, slots: dict[str, torch.Tensor]) -> "OnnxAdapter":
-        """Stacked slot tensors (full rank) as the graph's slot inputs, fp32 OrtValues."""
+        """Stacked slot tensors (at the export's rank R) as the graph's slot inputs, fp32 OrtValues."""
         import onnxruntime as ort
 
-        inputs = graph_inputs(slots, self.manifest["onnx"]["slot_inputs"])
-        arrays = {name: np.ascontiguousarray(t.float().numpy()) for name, t in inputs.items()}
+        info, spec = self.manifest["onnx"], SlotSpec.from_dict(self.manifest["slots"])
+        if "slot_feed" in info:
+            arrays = transposed_slot_inputs(slots, spec, info["slot_feed"])
+        else:
+            arrays = fixed_rank_slot_inputs(slots, info["slot_inputs"])
         # The OrtValues borrow the arrays' memory: the adapter keeps the arrays alive with them.
         return OnnxAdapter({name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}, arrays)
 
@@ -101,10 +108,10 @@ class OnnxSession:
         return out[0].numpy(), list(out[1:])
 
 
-def read_adapter_format(path: Path, model_version: int, slot_shapes: dict, spec: SlotSpec):
+def read_adapter_format(path: Path, model_version: int, spec: SlotSpec):
     """An `.onnx_adapter` file read into memory, checked against an export's model version (its
-    base) and slot inputs (`formats.blobs`): at full rank (version 1), or at one rank r <= R
-    (version 2). Returns (the AdapterFormat, r)."""
+    base) and slots (`formats/slots.py`): every `<slot>.<layer>` tensor at full rank (version 1), or
+    at one rank r <= R (version 2). Returns (the AdapterFormat, r)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -126,11 +133,11 @@ def read_adapter_format(path: Path, model_version: int, slot_shapes: dict, spec:
     if version > 1:
         first_b = next((shape for name, shape in shapes.items() if name.startswith("lora_B_")), None)
         rank = first_b[-1] if first_b else 0  # one rank for the whole blob: B's last axis
-        slot_shapes = {name: spec.shape(name.rpartition(".")[0], rank)[1:] for name in slot_shapes}
-    if shapes != slot_shapes or not 1 <= rank <= spec.max_rank:
-        name = sorted(set(shapes) ^ set(slot_shapes)) or [n for n in shapes if shapes[n] != slot_shapes[n]] or ["rank"]
+    expected = {name: spec.shape(name.rpartition(".")[0], rank)[1:] for name in spec.per_layer_names()}
+    if shapes != expected or not 1 <= rank <= spec.max_rank:
+        name = sorted(set(shapes) ^ set(expected)) or [n for n in shapes if shapes[n] != expected[n]] or ["rank"]
         raise OdloraError(f"{path}: its tensors do not match this export's slots (first difference: {name[0]}, "
-                          f"{shapes.get(name[0])} vs {slot_shapes.get(name[0])}); pack it against this export")
+                          f"{shapes.get(name[0])} vs {expected.get(name[0])}); pack it against this export")
     return fmt, rank
 
 
@@ -138,26 +145,49 @@ def read_slots(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
     """An `.onnx_adapter` blob as stacked (L, ...) fp32 slot tensors at the export's rank R, checked
     against `manifest`'s base and slots."""
     spec = SlotSpec.from_dict(manifest["slots"])
-    fmt, rank = read_adapter_format(path, onnx_model_version(manifest["base_fingerprint"]),
-                                    onnx_slot_shapes(manifest), spec)
+    fmt, rank = read_adapter_format(path, onnx_model_version(manifest["base_fingerprint"]), spec)
     params = {name: torch.from_numpy(np.array(v.numpy(), np.float32)) for name, v in fmt.get_parameters().items()}
     stacked = stack_layers(params, spec.layout())
     return stacked if rank == spec.max_rank else spec.resize_rank(stacked, rank, spec.max_rank)
 
 
 def stack_layers(tensors: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
-    """Graph slot inputs -> stacked (L, ...) slot tensors; per-layer inputs are `<slot>.<layer>`."""
-    if all(name in tensors for name in layout):
-        return {name: tensors[name] for name in layout}
+    """`<slot>.<layer>` tensors -> stacked (L, ...) slot tensors."""
     return {name: torch.stack([tensors[f"{name}.{i}"] for i in range(shape[0])]) for name, shape in layout.items()}
 
 
-def graph_inputs(slots: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    """Stacked slot tensors -> the ONNX graph's slot inputs `names` (per layer or stacked)."""
+def transposed_slot_inputs(slots: dict[str, torch.Tensor], spec: SlotSpec, feed: dict) -> dict[str, np.ndarray]:
+    """Stacked slot tensors -> the graph's `lora_AT_<group>.<layer>` (in, m·r) and `lora_BT_<group>.<layer>`
+    (m·r, width) inputs (`exporters/onnx_slots.py`), each pair at the used rank r of its own layer and
+    group; a pair with nothing to add (r = 0) is left out, so the graph's empty default applies."""
+    out = {}
+    for group, members in spec.groups().items():
+        A, B = slots[f"lora_A_{group}"].float(), slots[f"lora_B_{group}"].float()  # (L, m·R, in), (L, Σout, R)
+        R = B.shape[-1]
+        width, columns = feed[group]["width"], feed[group]["columns"]
+        for layer in range(spec.n_layers):
+            r = spec.used_rank({f"lora_A_{group}": A[layer:layer + 1], f"lora_B_{group}": B[layer:layer + 1]}, [group])
+            if r == 0:
+                continue
+            AT = np.zeros((A.shape[-1], len(members) * r), np.float32)
+            BT = np.zeros((len(members) * r, width), np.float32)
+            for j, (member, row) in enumerate(zip(members, spec.out_offsets(group))):
+                out_features = spec.features[member][1]
+                AT[:, j * r:(j + 1) * r] = A[layer, spec.rows(j, R, count=r)].T.numpy()
+                BT[j * r:(j + 1) * r, columns[member]:columns[member] + out_features] = \
+                    B[layer, row:row + out_features, :r].T.numpy()
+            out[f"lora_AT_{group}.{layer}"], out[f"lora_BT_{group}.{layer}"] = AT, BT
+    return out
+
+
+def fixed_rank_slot_inputs(slots: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:
+    """Stacked slot tensors -> an older export's slot inputs `names`: fixed rank R, per layer
+    (`lora_A_qkv.0`) or stacked (`lora_A_qkv`)."""
     out = {}
     for name in names:
         slot, _, layer = name.rpartition(".")
-        out[name] = slots[name] if name in slots else slots[slot][int(layer)]
+        tensor = slots[name] if name in slots else slots[slot][int(layer)]
+        out[name] = np.ascontiguousarray(tensor.float().numpy())
     return out
 
 
@@ -200,6 +230,8 @@ class OnnxSequence:
     binding with every past input and its present output bound to the same buffer, and the
     adapter's inputs bound, all once: a decode step rebinds only its tokens, positions and logits,
     and writes its new cache rows where they are instead of returning a copy of every layer's cache.
+    The logits land in an array the sequence owns (one for all one-token steps), so a step reads
+    them without asking ORT for its outputs (which wraps every cache too: ~0.25 ms a step).
     """
 
     def __init__(self, session, adapter: Optional[OnnxAdapter]):
@@ -207,18 +239,30 @@ class OnnxSequence:
         self.extra = adapter.feeds if adapter is not None else {}
         self._adapter = adapter  # alive while the sequence runs, even if the cache evicts it
         self.binding = self._bind_state() if session.in_place else None
+        self._step_logits = None  # (array, OrtValue) of shape (1, 1, vocab), made by the first one-token step
 
     def _bind_state(self):
         """The IO binding of what stays for the whole sequence: caches (past = present) and slot inputs."""
         s = self.session
         binding = s.session.io_binding()
-        binding.bind_output("logits")  # first: get_outputs() lists the outputs in the order they were bound
         for past, present, cache in zip(s.cache_layout["past"], s.cache_layout["present"], self.caches):
             binding.bind_ortvalue_input(past, cache)
             binding.bind_ortvalue_output(present, cache)
         for name, value in self.extra.items():
             binding.bind_ortvalue_input(name, value)
         return binding
+
+    def _logits_buffer(self, tokens: int) -> tuple[np.ndarray, object]:
+        """An array for this call's logits and the OrtValue over it (reused for one-token steps)."""
+        import onnxruntime as ort
+
+        if tokens == 1 and self._step_logits is not None:
+            return self._step_logits
+        array = np.empty((1, tokens, self.session.vocab_size), np.float32)
+        buffer = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        if tokens == 1:
+            self._step_logits = buffer
+        return buffer
 
     def forward(self, tokens: list[int], start: int) -> torch.Tensor:
         import onnxruntime as ort
@@ -230,14 +274,14 @@ class OnnxSequence:
         if self.binding is not None:
             for name, value in step.items():
                 self.binding.bind_ortvalue_input(name, value)
-            self.binding.bind_output("logits")  # its shape follows this call's token count
+            logits, value = self._logits_buffer(tokens.shape[1])
+            self.binding.bind_ortvalue_output("logits", value)
             s.session.run_with_iobinding(self.binding)
-            logits = self.binding.get_outputs()[0]
         else:
             feeds = {**step, **dict(zip(s.cache_layout["past"], self.caches)), **self.extra}
             out = s.session.run_with_ort_values(s.output_names, feeds)
-            logits, self.caches = out[0], list(out[1:])  # present -> next call's past
-        return torch.from_numpy(logits.numpy()[0, -1].copy())
+            logits, self.caches = out[0].numpy(), list(out[1:])  # present -> next call's past
+        return torch.from_numpy(logits[0, -1].copy())
 
 
 BACKEND = OnnxBackend

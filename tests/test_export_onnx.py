@@ -116,43 +116,40 @@ def max_diff(xs, ys):
 # -- graph rewrites ------------------------------------------------------------------------------
 
 def test_attention_is_one_node_per_layer_without_a_cache_copy(exports):
+    """Per layer: one GroupQueryAttention reading q|k|v packed, each RMSNorm one node with the
+    residual Add before it folded in; no cache copy, no attention of its own."""
     import onnx
 
     model = onnx.load(str(exports["fp32"] / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
     n_layers = load_base(str(exports["model_dir"])).model.args.n_layers
-    assert ops.count("GroupQueryAttention") == n_layers
-    assert ops.count("SimplifiedLayerNormalization") == 2 * n_layers + 1 and "Pow" not in ops  # each RMSNorm one node
-    assert not {"ScatterElements", "ScatterND", "Softmax"} & set(ops)  # no cache copy, no attention of its own
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == n_layers and all(list(n.input[1:3]) == ["", ""] for n in attention)  # packed q|k|v
+    # The first norm reads the embedding; every other one also adds the residual before it.
+    assert ops.count("SimplifiedLayerNormalization") == 1 and ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers
+    assert "Pow" not in ops and not {"ScatterElements", "ScatterND", "Softmax"} & set(ops)
     assert json.loads((exports["fp32"] / "manifest.json").read_text())["onnx"]["cache_layout"]["in_place"] is True
 
 
-def test_matmuls_that_share_an_input_become_one_and_stay_exact():
-    """q, k, v (one input) -> one MatMul + Split; a MatMul on another input, or on a weight that is
-    also a graph input (a slot), is left alone."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+def test_each_group_is_one_linear_with_one_slot_path(exports):
+    """Per layer and group (q|k|v, o, gate|up, down): the weight term, the block-minimum term and the
+    slot path (x @ AT) @ BT summed in one node; the slot inputs' rank is a dimension of their own."""
+    import onnx
 
-    from ondevice_lora.exporters.onnx_graph import fuse_shared_input_matmuls
-
-    rng = np.random.default_rng(0)
-    weights = {name: rng.standard_normal((8, n)).astype(np.float32) for name, n in [("Wq", 8), ("Wk", 4), ("Wv", 4)]}
-    weights["Wo"] = rng.standard_normal((8, 8)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", w], [w.lower()]) for w in ("Wq", "Wk", "Wv")]
-    nodes += [helper.make_node("MatMul", ["wq", "Wo"], ["o"]), helper.make_node("MatMul", ["x", "A"], ["a"])]
-    value = lambda name, *shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))  # noqa: E731
-    initializers = [numpy_helper.from_array(w, name) for name, w in weights.items()]
-    initializers.append(numpy_helper.from_array(np.zeros((8, 3), np.float32), "A"))  # overridable, like a slot
-    graph = helper.make_graph(nodes, "qkv", [value("x", 2, 8), value("A", 8, 3)],
-                              [value("wk", 2, 4), value("wv", 2, 4), value("o", 2, 8), value("a", 2, 3)], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32), "A": rng.standard_normal((8, 3)).astype(np.float32)}
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
-    before = run(model)
-    assert fuse_shared_input_matmuls(model) == 2
-    assert [n.op_type for n in model.graph.node] == ["MatMul", "Split", "MatMul", "MatMul"]
-    assert {i.name for i in model.graph.initializer} >= {"Wo", "A"} and "Wq" not in {i.name for i in model.graph.initializer}
-    assert max_diff(run(model), before) < 1e-6
+    model = onnx.load(str(exports["int4"] / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    groups = 4 * 2  # 2 layers
+    # Per group: the weights and their block offsets (8-bit); + the LM head, which has no offsets.
+    assert ops.count("MatMulNBits") == 2 * groups + 1 and ops.count("Sum") == groups
+    # Per group: the block sums, x @ AT, then @ BT.
+    assert ops.count("MatMul") == 3 * groups and ops.count("Add") <= 1  # the Add left computes a position
+    info = json.loads((exports["int4"] / "manifest.json").read_text())["onnx"]
+    shapes = {i["name"]: i["shape"] for i in info["inputs"]}
+    assert shapes["lora_AT_qkv.0"] == [64, "rank_qkv"] and shapes["lora_BT_qkv.1"] == ["rank_qkv", 64 + 32 + 32]
+    assert shapes["lora_AT_down.1"] == [128, "rank_down"]
+    assert info["slot_feed"]["qkv"] == {"width": 128, "columns": {"q_proj": 0, "k_proj": 64, "v_proj": 96}}
+    defaults = {i.name: list(i.dims) for i in model.graph.initializer if i.name.startswith("lora_")}
+    assert defaults["lora_AT_qkv.0"] == [64, 0] and defaults["lora_BT_gate_up.1"] == [0, 256]  # rank 0: the base
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["one buffer", "present fed back"])
@@ -303,9 +300,11 @@ def test_block_quantisation_is_exact_on_a_q4_1_grid(bits):
     assert np.abs(restored - weight).max() <= 1e-6
 
 
-@pytest.mark.parametrize("bits,level,max_rel_error", [(4, 0, 1e-5), (8, 0, 1e-5), (4, 4, 0.03), (8, 4, 0.03)])
+@pytest.mark.parametrize("bits,level,max_rel_error", [(4, 0, 3e-3), (8, 0, 3e-3), (4, 4, 0.03), (8, 4, 0.03)])
 def test_quantised_matmul_runs_in_onnxruntime(bits, level, max_rel_error, monkeypatch):
-    """One MatMul through the rewrite: exact weights; level 4 adds only int8 activation rounding."""
+    """One MatMul through the rewrite: with fp32 activations (level 0) only the 8-bit rounding of
+    the block offsets is left (measured 1.0e-3 / 1.2e-3 relative; the weights' own grid is exact, see
+    the test above); level 4 adds int8 activation rounding (~2%)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -318,8 +317,8 @@ def test_quantised_matmul_runs_in_onnxruntime(bits, level, max_rel_error, monkey
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 96])],
                               [numpy_helper.from_array(weight, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    onnx_quant.GraphQuantizer(model, bits, 32).run(head_input=None)
-    assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
+    onnx_quant.GraphQuantizer(model, bits, 32).run(None)
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "MatMul", "MatMulNBits", "Add"]
     x = np.random.default_rng(2).standard_normal((1, 3, 64)).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     want = x @ weight
@@ -350,7 +349,7 @@ def test_pack_writes_an_ort_adapter(exports, adapters):
     fmt = ort.AdapterFormat.read_adapter(str(packed))
     manifest = exports["manifests"]["fp32"]
     assert fmt.get_model_version() == OnnxSession(exports["fp32"], threads=1).model_version != 0
-    assert sorted(fmt.get_parameters()) == sorted(manifest["onnx"]["slot_inputs"])
+    assert sorted(fmt.get_parameters()) == sorted(SlotSpec.from_dict(manifest["slots"]).per_layer_names())
     # Stored small (version 2): fp16, at the adapter's rank 4 of the export's 8.
     assert fmt.get_adapter_version() == 2
     spec = SlotSpec.from_dict(manifest["slots"])
@@ -428,10 +427,9 @@ def test_manifest_lists_graph_io_and_files(exports):
     info = manifest["onnx"]
     names = [i["name"] for i in info["inputs"]]
     assert names[:4] == ["tokens", "input_pos", "past_key_0", "past_value_0"]
-    layout = list(manifest["slots"]["layout"])
-    assert names[-16:] == info["slot_inputs"] == [f"{n}.{layer}" for layer in range(2) for n in layout]
-    shapes = {i["name"]: i["shape"] for i in info["inputs"]}
-    assert all(shapes[f"{n}.1"] == shape[1:] for n, shape in manifest["slots"]["layout"].items())
+    groups = ("qkv", "o", "gate_up", "down")
+    assert names[-16:] == info["slot_inputs"] == [f"lora_{f}_{g}.{layer}" for layer in range(2) for g in groups
+                                                  for f in ("AT", "BT")]
     assert info["inputs"][0]["shape"][1] == info["inputs"][1]["shape"][0]  # one dynamic T
     assert isinstance(info["inputs"][1]["shape"][0], str)
     assert [o["name"] for o in info["outputs"]][:2] == ["logits", "present_key_0"]

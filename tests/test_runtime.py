@@ -179,10 +179,12 @@ def test_swapping_never_reloads_the_base(built, monkeypatch):
 
 
 def test_lru_evicts_under_a_budget_and_reloads(built):
-    probe = open_runtime(built, threads=1)  # a loaded adapter's memory: its slot inputs, full rank, fp32
-    one = probe.cache.nbytes / probe.stats()["cache_entries"]
-    rt = open_runtime(built, threads=1, cache_bytes=int(1.5 * one))  # room for one loaded adapter
-    assert rt.stats()["cache_entries"] == 1 and rt.cache.nbytes <= rt.cache.budget  # a and b evicted by c
+    probe = open_runtime(built, threads=1)  # a loaded adapter's memory: its slot inputs at its own rank, fp32
+    size = {name: probe.backend.load_packed(built["blobs"][name]).nbytes for name in "abc"}
+    assert size["b"] < size["a"] < size["c"]  # rank 2 on q and v, rank 4, rank 6 on all seven
+    rt = open_runtime(built, threads=1, cache_bytes=size["a"] + size["b"] // 2)  # room for a or b, not both
+    # Registered in turn: b evicted a, c evicted b and, larger than the whole budget, was not kept either.
+    assert rt.stats()["cache_entries"] == 0 and rt.stats()["evictions"] == 3
     loads = rt.stats()["adapter_loads"]
     for case in ("a", "b", "a", "a"):
         assert run_case(rt, case) == built["expected"][case]

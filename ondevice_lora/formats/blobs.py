@@ -13,13 +13,6 @@ ONNX_ADAPTER_VERSION = 2
 ONNX_ADAPTER_VERSIONS = (1, 2)  # what the runtime reads
 
 
-def onnx_slot_shapes(manifest: dict) -> dict[str, list]:
-    """An ONNX export's slot inputs by name and shape, from its manifest: per layer (`lora_A_qkv.0`,
-    ...) or stacked (`lora_A_qkv`). What its `.onnx_adapter` blobs must hold."""
-    info = manifest["onnx"]
-    return {i["name"]: i["shape"] for i in info["inputs"] if i["name"] in info["slot_inputs"]}
-
-
 def onnx_model_version(fingerprint: Optional[str]) -> int:
     """The `.onnx_adapter` model version: 28 bits of the base fingerprint (0 when unknown)."""
     if not fingerprint:

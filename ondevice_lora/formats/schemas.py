@@ -226,11 +226,19 @@ class CacheLayout(Schema):
     in_place: bool = False  # present may share past's buffer (GroupQueryAttention updates it there)
 
 
+class OnnxSlotGroup(Schema):
+    """How one group's slot inputs map onto its fused output (`exporters/onnx_slots.py`)."""
+
+    width: Count  # the group's fused output columns (q|k|v, gate|up, ...)
+    columns: dict[str, Index]  # each slotted member's first column, in AT/BT order
+
+
 class OnnxFields(Schema):
     model: ExportPath
     inputs: list[OnnxInput]
     slot_inputs: list[str]
     cache_layout: CacheLayout
+    slot_feed: Optional[dict[str, OnnxSlotGroup]] = None  # absent: fixed-rank lora_A_<group>.<layer> inputs
 
 
 class ExecutorchMethods(Schema):
