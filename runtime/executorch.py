@@ -40,10 +40,9 @@ def read_slots(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
                           f"this export is {manifest['base_fingerprint'][:19]}... (a different base)")
     spec = SlotSpec.from_dict(manifest["slots"])
     rank = int(meta.get("rank", spec.max_rank))
-    for name in spec.layout():
-        stored = spec.shape(name, rank) if 1 <= rank <= spec.max_rank else None
-        if stored is None or name not in tensors or list(tensors[name].shape) != stored:
-            raise OdloraError(f"{path}: slot tensor {name} is missing or not {stored}")
+    mismatch = spec.stored_mismatch(tensors, rank)
+    if mismatch:
+        raise OdloraError(f"{path}: slot tensor {mismatch[0]} is missing or not {mismatch[1]}")
     return spec.resize_rank(tensors, rank, spec.max_rank)
 
 

@@ -312,8 +312,10 @@ def test_packing_adapters_never_touches_the_package(exported, base, spec, tmp_pa
 
     with safe_open(str(tmp_path / "a1.safetensors"), "np") as f:
         meta = f.metadata()
-    assert meta["format"] == COREML_SLOTS_FORMAT and meta["dtype"] == "float16"
-    assert json.loads(meta["layout"]) == spec.layout() and meta["base_fingerprint"] == manifest["base_fingerprint"]
+    assert meta["format"] == COREML_SLOTS_FORMAT and meta["dtype"] == "float16" and meta["format_version"] == "2"
+    # Stored at the adapter's own rank (5 of the export's R), padded back by the reader.
+    assert meta["rank"] == "5" and json.loads(meta["layout"]) == {n: spec.shape(n, 5) for n in spec.layout()}
+    assert meta["base_fingerprint"] == manifest["base_fingerprint"]
 
 
 def test_pack_slots_checks_shapes(exported, spec, tmp_path):

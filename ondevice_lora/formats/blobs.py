@@ -7,6 +7,9 @@ from typing import Optional
 
 EXECUTORCH_SLOTS_FORMAT = "odlora-executorch-slots"  # safetensors metadata "format" of a .slots blob
 COREML_SLOTS_FORMAT = "odlora-coreml-slots"  # the same for a Core ML blob
+# Of a Core ML blob: 1 = every slot input as the package takes it (fp16, full rank R); 2 = fp16 at the
+# adapter's own rank (metadata "rank"), padded to R by the reader.
+COREML_SLOTS_VERSION = 2
 # Of our .onnx_adapter content: 1 = the graph's slot inputs as they are (fp32, full rank R);
 # 2 = the same names in fp16 at the adapter's own rank (the runtime pads and widens on load).
 ONNX_ADAPTER_VERSION = 2

@@ -134,6 +134,15 @@ class SlotSpec:
             used = max(used, int(nonzero.max()) + 1 if len(nonzero) else 0)
         return used
 
+    def stored_mismatch(self, tensors: dict, rank: int):
+        """The first slot tensor of a blob stored at `rank` that is missing or not the shape `rank`
+        lays it out in, as (name, expected shape); None when all match (and 1 <= rank <= R)."""
+        for name in self.layout():
+            stored = self.shape(name, rank) if 1 <= rank <= self.max_rank else None
+            if stored is None or name not in tensors or list(tensors[name].shape) != stored:
+                return name, stored
+        return None
+
     def resize_rank(self, slots: dict, old: int, new: int) -> dict:
         """Slot tensors laid out for rank `old` -> rank `new`: each member's rows cut or zero-padded (fp32)."""
         out, keep = {}, min(old, new)

@@ -46,7 +46,11 @@ public final class CoreMLRuntime {
         if adapter.prompt_format == "raw" { rawAdapters.insert(adapter.id) } else { rawAdapters.remove(adapter.id) }
     }
 
-    /// A packed Core ML adapter: safetensors, one fp16 tensor per slot input (exporters/coreml.py).
+    /// A packed Core ML adapter: safetensors, one fp16 tensor per slot input (exporters/coreml.py),
+    /// stored at the adapter's own rank r (metadata "rank"; blobs without it are at the inputs' full
+    /// rank R) and padded here to the input's shape, zeros elsewhere: member j's r rows of
+    /// `lora_A_<g>` [L, m·r, in] go to rows j·R …, and the r columns of `lora_B_<g>` [L, Σout, r] to
+    /// the first r of R.
     public func register(_ id: String, blob: URL) throws {
         let tensors = try Safetensors.read(blob)
         guard tensors.metadata["base_fingerprint"] == bundle.manifest.base_fingerprint else {
@@ -54,11 +58,32 @@ public final class CoreMLRuntime {
         }
         var feeds: [String: MLMultiArray] = [:]
         for (name, zero) in zeros {
-            guard let tensor = tensors.tensors[name], tensor.dtype == "F16", tensor.shape == zero.shape.map(\.intValue) else {
-                throw AppBundle.Failure.invalid("\(blob.path): slot \(name) is missing or has another shape")
+            let full = zero.shape.map(\.intValue)  // A: [L, m·R, in]; B: [L, Σout, R]
+            let group = name.hasPrefix("lora_A_") ? String(name.dropFirst("lora_A_".count)) : String(name.dropFirst("lora_B_".count))
+            guard let b = zeros["lora_B_" + group] else { throw AppBundle.Failure.invalid("\(name): no lora_B_\(group) input") }
+            let R = b.shape[2].intValue
+            let r = tensors.metadata["rank"].flatMap { Int($0) } ?? R
+            let isA = name.hasPrefix("lora_A_")
+            let stored = isA ? [full[0], full[1] / R * r, full[2]] : [full[0], full[1], r]
+            guard (1...R).contains(r), let tensor = tensors.tensors[name], tensor.dtype == "F16", tensor.shape == stored else {
+                throw AppBundle.Failure.invalid("\(blob.path): slot \(name) is missing or not \(stored)")
             }
             let array = try MLMultiArray(shape: zero.shape, dataType: .float16)
-            tensor.bytes.withUnsafeBytes { array.dataPointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            memset(array.dataPointer, 0, array.count * 2)
+            let destination = array.dataPointer.bindMemory(to: Float16.self, capacity: array.count)
+            tensor.bytes.withUnsafeBytes { raw in
+                let source = raw.bindMemory(to: Float16.self).baseAddress!
+                if isA {  // blocks of r rows x in, one per (layer, member)
+                    let (members, width) = (full[1] / R, full[2])
+                    for block in 0..<(full[0] * members) {
+                        (destination + block * R * width).update(from: source + block * r * width, count: r * width)
+                    }
+                } else {  // rows of r values, one per (layer, output)
+                    for row in 0..<(full[0] * full[1]) {
+                        (destination + row * R).update(from: source + row * r, count: r)
+                    }
+                }
+            }
             feeds[name] = array
         }
         adapters[id] = feeds
