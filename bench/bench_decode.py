@@ -3,6 +3,7 @@
     ODLORA_HOME=/tmp/oh python bench/bench_decode.py                              # onnx int4 vs llama.cpp
     ODLORA_HOME=/tmp/oh python bench/bench_decode.py --paths onnx,llamacpp,genai --rounds 5 --work /tmp/dec
     ODLORA_HOME=/tmp/oh python bench/bench_decode.py --quick                      # few tokens: does it run?
+    ODLORA_HOME=/tmp/oh python bench/bench_decode.py --paths onnx,llamacpp,openvino --openvino-python /tmp/ov/bin/python
 
 Paths (each optional but ours; a missing peer is reported, not faked):
 
@@ -13,6 +14,13 @@ Paths (each optional but ours; a missing peer is reported, not faked):
     genai     ONNX Runtime GenAI: its model builder's int4 CPU build of the same base (the fp32
               weights `odlora base pull` converted); the adapter through the builder's `adapter_path`,
               which bakes it into a second model (see setup_genai); greedy `Generator` loop
+    openvino  OpenVINO GenAI's LLMPipeline on CPU: optimum-intel's int4 export of the same base (NNCF
+              weight compression, asymmetric int4 in groups of 32), the adapter's PEFT safetensors as
+              an `openvino_genai.Adapter` applied per request (its LoRA swap); greedy. OpenVINO wants its
+              own environment (optimum-intel pins its own transformers and torch): --openvino-python
+              names that interpreter, which exports the model and runs the workers:
+                  python -m venv /tmp/ov && /tmp/ov/bin/pip install torch==2.13.0 \
+                      && /tmp/ov/bin/pip install openvino-genai "optimum-intel[openvino]"
 
 Setup, kept in --work and reused: the ONNX export (once), one random rank-8 all-linear adapter
 (bench_runtime.make_adapters: PEFT init for A, B ~ N(0, 0.01)), packed and converted for each path.
@@ -23,14 +31,16 @@ warms it with one short request, then times one request: --prompt-tokens tokens 
 general text as a plain prompt (prefill: tokens / time to the first token), then --tokens greedy
 tokens (decode: tokens after the first / their time). Peak RSS is the worker's VmHWM (the
 Python interpreter and the path's libraries included; not ru_maxrss, which Linux carries over
-from the parent through fork and exec: the parent's export would be every worker's peak). Medians over --rounds; ratios to llama.cpp
-with no adapter, the issue's bar. Prints the table, a JSON line and the command line.
+from the parent through fork and exec: the parent's export would be every worker's peak).
+Medians over --rounds; ratios to llama.cpp with no adapter, the issue's bar. Prints the table, a
+JSON line and the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -41,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PATHS = ("onnx", "llamacpp", "genai")
+PATHS = ("onnx", "llamacpp", "genai", "openvino")
 VARIANTS = ("none", "adapter")
 BAR = ("llamacpp", "none")  # what every row is divided by
 
@@ -60,7 +70,8 @@ def setup(args) -> dict:
     missing = {}
     for path in args.paths:
         try:
-            {"onnx": setup_onnx, "llamacpp": setup_llamacpp, "genai": setup_genai}[path](args, base, adapter_dir)
+            {"onnx": setup_onnx, "llamacpp": setup_llamacpp, "genai": setup_genai,
+             "openvino": setup_openvino}[path](args, base, adapter_dir)
         except PeerMissing as e:
             missing[path] = str(e)
     return missing
@@ -118,6 +129,28 @@ def setup_genai(args, base, adapter_dir: Path) -> None:
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise PeerMissing("ONNX Runtime GenAI's builder failed: " + " | ".join(tail))
+
+
+def setup_openvino(args, base, adapter_dir: Path) -> None:
+    """optimum-intel's int4 export (groups of 32: the base's widths are not multiples of its default
+    128) and the prompt's token ids for the worker, which has no odlora to tokenise with."""
+    check = subprocess.run([args.openvino_python, "-c", "import openvino_genai, optimum.intel"], capture_output=True)
+    if check.returncode != 0:
+        raise PeerMissing(f"{args.openvino_python} has no openvino_genai or optimum-intel (see --help)")
+    from ondevice_lora.base import load_tokenizer
+
+    out = args.work / "openvino-int4"
+    if not (out / "openvino_model.xml").exists():
+        print(f"exporting the OpenVINO int4 model into {out} (once) ...", flush=True)
+        command = [args.openvino_python, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model",
+                   str(base.path), "--task", "text-generation-with-past", "--weight-format", "int4",
+                   "--group-size", "32", "--ratio", "1.0", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise PeerMissing("optimum-intel's OpenVINO export failed: " + " | ".join(tail))
+    ids = prompt_ids(load_tokenizer(base.path), args.prompt_tokens)
+    (args.work / "openvino-prompt.json").write_text(json.dumps({"ids": ids, "adapter": str(adapter_dir)}))
 
 
 # -- workers (one fresh process per measurement) ---------------------------------------------------
@@ -191,12 +224,35 @@ def worker_genai(args, variant: str) -> tuple[float, float, int]:
     return len(prompt) / prefill, (made - 1) / decode, made
 
 
-def worker(args) -> None:
-    import os
+def worker_openvino(args, variant: str) -> tuple[float, float, int]:
+    """Runs in --openvino-python's environment: numpy and openvino only."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as og
 
+    setup = json.loads((args.work / "openvino-prompt.json").read_text())
+    adapter = og.Adapter(str(Path(setup["adapter"]) / "adapter_model.safetensors"))
+    pipe = og.LLMPipeline(str(args.work / "openvino-int4"), "CPU", adapters=og.AdapterConfig(adapter),
+                          INFERENCE_NUM_THREADS=args.threads)
+    chosen = og.AdapterConfig(adapter) if variant == "adapter" else og.AdapterConfig()
+
+    def request(ids: list[int], n: int):
+        tokens = np.array([ids], np.int64)
+        inputs = og.TokenizedInputs(ov.Tensor(tokens), ov.Tensor(np.ones_like(tokens)))
+        config = og.GenerationConfig(max_new_tokens=n, min_new_tokens=n, ignore_eos=True, do_sample=False)
+        return pipe.generate(inputs, config, adapters=chosen)
+
+    request(setup["ids"][:8], 4)
+    result = request(setup["ids"], args.tokens)
+    metrics = result.perf_metrics  # milliseconds: time to the first token, then per output token
+    return len(setup["ids"]) / (metrics.get_ttft().mean / 1e3), 1e3 / metrics.get_tpot().mean, len(result.tokens[0])
+
+
+def worker(args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     path, variant = args.worker
-    prefill, decode, tokens = {"onnx": worker_onnx, "llamacpp": worker_llamacpp, "genai": worker_genai}[path](args, variant)
+    prefill, decode, tokens = {"onnx": worker_onnx, "llamacpp": worker_llamacpp, "genai": worker_genai,
+                               "openvino": worker_openvino}[path](args, variant)
     peak = peak_rss_mib()
     print(json.dumps({"prefill": prefill, "decode": decode, "tokens": tokens, "peak_rss_mib": peak}))
 
@@ -208,7 +264,8 @@ def peak_rss_mib() -> float:
 
 
 def measure(args, path: str, variant: str) -> dict:
-    command = [sys.executable, __file__, "--worker", path, variant, "--work", str(args.work),
+    python = args.openvino_python if path == "openvino" else sys.executable
+    command = [python, __file__, "--worker", path, variant, "--work", str(args.work),
                "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens), "--tokens", str(args.tokens)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -241,6 +298,8 @@ def report(args, runs: dict, missing: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", default="onnx,llamacpp,genai", help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--openvino-python", default=sys.executable,
+                        help="the interpreter with openvino-genai and optimum-intel (the openvino path)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "odlora-bench-decode")
     parser.add_argument("--adapter-rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)

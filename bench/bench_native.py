@@ -25,6 +25,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,14 +37,32 @@ PROMPTS = ["What is the capital of France?", "Normalise: March 5th, 2021",
 
 
 def run_child(cmd: list[str]) -> tuple[str, float, float]:
-    """(stdout, wall seconds, peak RSS MB) of one child process."""
+    """(stdout, wall seconds, peak RSS MB) of one child process. The peak is the child's own VmHWM,
+    read from /proc while it runs: its ru_maxrss would carry this (large) process's peak over
+    through fork and exec."""
     started = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, done = [0], threading.Event()
+    watcher = threading.Thread(target=watch_peak_rss, args=(child.pid, peak, done))
+    watcher.start()
     out = child.stdout.read()  # a line per request; stderr stays small
-    _, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
+    done.set()
+    watcher.join()
+    if child.wait() != 0:
         sys.exit(f"{shlex.join(cmd)} failed: {child.stderr.read().strip()}")
-    return out, time.perf_counter() - started, usage.ru_maxrss / 1024
+    return out, time.perf_counter() - started, peak[0] / 1024
+
+
+def watch_peak_rss(pid: int, peak: list, done: threading.Event) -> None:
+    """Keep peak[0] at the largest VmHWM (KiB) of process `pid` seen until `done` or its exit."""
+    status = Path(f"/proc/{pid}/status")
+    while not done.is_set():
+        try:
+            line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+        except (OSError, StopIteration):  # exited (or a zombie without memory)
+            return
+        peak[0] = max(peak[0], int(line.split()[1]))
+        done.wait(0.02)
 
 
 def native_run(binary: Path, bundle: Path, requests: list[dict], work: Path) -> tuple[list[dict], float]:

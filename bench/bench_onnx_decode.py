@@ -120,7 +120,10 @@ def step_bytes(export_dir: Path, positions: int) -> dict[str, int]:
 
     manifest = read_manifest(export_dir, verify=False)
     model = onnx.load(str(export_dir / manifest["onnx"]["model"]), load_external_data=False)
+    # A table only gathered from (the embedding) is read one row a step; one the LM head also reads
+    # (a tied head sharing the embedding's bytes) is read whole.
     gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
+    gathered -= {name for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for name in n.input}
     weights = 0
     for init in model.graph.initializer:
         if init.name in gathered:
