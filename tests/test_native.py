@@ -1,10 +1,12 @@
 """The native runtime (runtime/native, C++ against the executorch wheel) on the same bundles as the
-Python runtime: the same greedy tokens, the same refusals.
+Python runtime: the same greedy tokens, the same refusals; built for this machine and cross-built
+for ARM64 (a phone's CPU: XNNPACK's ARM kernels), which runs here under qemu-user.
 
-    python -m pytest -q tests/test_native.py     # builds build/native once (~2 min on 2 cores), then seconds
+    python -m pytest -q tests/test_native.py     # builds build/native and build/native-aarch64 once, then seconds
 
-Needs CMake >= 3.28 (the `test` extra) and the system packages in runtime/native_build.py; CI
-installs them and sets ODLORA_REQUIRE_NATIVE=1, so that a missing one fails instead of skipping.
+Needs CMake >= 3.28 (the `test` extra) and the system packages in runtime/native_build.py (for
+ARM64 its CROSS table's); CI installs them and sets ODLORA_REQUIRE_NATIVE=1 and
+ODLORA_REQUIRE_ARM64=1, so that a missing one fails instead of skipping.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -27,20 +30,24 @@ REQUESTS = [  # (adapter, prompt, chat): adapters alternate on one loaded base
 ]
 
 
-@pytest.fixture(scope="session")
-def native():
-    from ondevice_lora.runtime.native_build import build
+@pytest.fixture(scope="session", params=["host", "aarch64"])
+def native(request) -> list[str]:
+    """The command that runs odlora-native: built for this machine, or for ARM64 and run under qemu."""
+    from ondevice_lora.runtime.native_build import DEFAULT_BUILD_DIR, build, runner
 
+    arch = None if request.param == "host" else request.param
+    required = os.environ.get("ODLORA_REQUIRE_NATIVE" if arch is None else "ODLORA_REQUIRE_ARM64") == "1"
     try:
-        return build(say=lambda *_: None)
+        build_dir = DEFAULT_BUILD_DIR if arch is None else DEFAULT_BUILD_DIR.with_name(f"native-{arch}")
+        return [*runner(arch), str(build(build_dir, say=lambda *_: None, arch=arch))]
     except OdloraError as e:
-        if os.environ.get("ODLORA_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native runtime did not build (ODLORA_REQUIRE_NATIVE=1): {e}", pytrace=False)
-        pytest.skip(f"native runtime did not build: {e}")
+        if required:
+            pytest.fail(f"native runtime ({request.param}) did not build or cannot run: {e}", pytrace=False)
+        pytest.skip(f"native runtime ({request.param}) did not build or cannot run: {e}")
 
 
 def run_native(native, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(native), *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run([*native, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def test_native_greedy_equals_the_python_runtime(native, tiny_bundle, tmp_path):
@@ -95,8 +102,13 @@ def test_kotlin_wrapper_on_the_jvm_gives_the_same_tokens(native, tiny_bundle, tm
 
     from ondevice_lora.runtime.native_build import SOURCE
 
+    jni = Path(native[-1]).parent / "libodlora_jni.so"
+    if len(native) > 1:  # cross-built: this machine's JVM cannot load it, so check what it is
+        with open(jni, "rb") as f:
+            header = f.read(20)
+        assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+        pytest.skip("an ARM64 JNI bridge does not load into this machine's JVM (built and checked only)")
     kotlinc, java = shutil.which("kotlinc"), shutil.which("java")
-    jni = native.parent / "libodlora_jni.so"
     if not (kotlinc and java and jni.exists()):
         reason = "kotlinc, java or the JNI bridge (a JDK at build time) is missing"
         if os.environ.get("ODLORA_REQUIRE_KOTLIN") == "1":
