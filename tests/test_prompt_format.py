@@ -122,7 +122,7 @@ def test_native_runtime_applies_the_bundled_formats(native, formats, tmp_path):
     cases = [("r", None), ("c", None), ("r", True), ("base", None)]
     requests.write_text("".join(json.dumps({"adapter": a, "prompt": PROMPT, "max_new_tokens": 8,
                                             **({} if chat is None else {"chat": chat})}) + "\n" for a, chat in cases))
-    done = subprocess.run([str(native), str(formats["bundle"]), "--requests", str(requests)], capture_output=True,
+    done = subprocess.run([*native, str(formats["bundle"]), "--requests", str(requests)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rt = Runtime.open_bundle(formats["bundle"], threads=1)

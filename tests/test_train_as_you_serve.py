@@ -107,7 +107,7 @@ def test_the_native_runtime_answers_the_same(task, default_export, native, tmp_p
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(json.dumps({"adapter": "times", "prompt": r["prompt"], "max_new_tokens": 12}) + "\n"
                                 for r in task["test"]))
-    done = subprocess.run([str(native), str(tmp_path / "bundle"), "--requests", str(requests)], capture_output=True,
+    done = subprocess.run([*native, str(tmp_path / "bundle"), "--requests", str(requests)], capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line)["text"] for line in done.stdout.splitlines()]
