@@ -1,6 +1,7 @@
-"""ExecuTorch target: one XNNPACK-lowered program with adapter slots and an in-program KV cache.
+"""ExecuTorch target: one delegated program (XNNPACK by default) with adapter slots and an in-program KV cache.
 
     odlora export --target executorch [--quant 8da4w] out/          # model.pte + model.ptd
+    odlora export --target executorch --backend openvino out/       # model.pte (OpenVINO's blob inside)
     odlora adapter pack my-adapter out/ my-adapter.slots             # safetensors of the slot tensors
 
 The program has two methods over the same weights and one shared KV cache (mutable buffers):
@@ -24,6 +25,9 @@ of several per layer: the design notes' measured warning) the model goes through
   only averages the two inner dims of 4-D tensors).
 - matmuls whose right operand is a runtime tensor (the slots) become bmm: XNNPACK's mm/linear
   wants a constant weight, its bmm takes two runtime operands.
+
+The same rewrites serve the other delegates (`executorch_delegates.py`): OpenVINO, Vulkan and Core
+ML each take a whole method in one partition too (Vulkan and Core ML leave the cache writes on the CPU).
 
 Quantisation (`QUANTS`) applies to the frozen base's linears and embedding only, never the slots:
 `8da4w` is torchao's int8 dynamic activation + int4 weight (groups of 32; the LM head int8),
@@ -49,6 +53,7 @@ from ..formats.blobs import EXECUTORCH_SLOTS_FORMAT
 from ..formats.slots import SlotSpec
 from ..models.rewrite import replace_linears
 from ..models.slots import SlottedModel, per_layer, zero_slots
+from .executorch_delegates import lowering_report, partitioner
 
 QUANTS = ("fp32", "8da4w", "8da8w")
 FAMILIES = ("llama",)  # the model families (`models.family_of`) it knows the structure of
@@ -350,52 +355,44 @@ def tag_weights(ep, tag: str) -> None:
             node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
 
 
-def count_delegates(graph_module) -> int:
-    return sum(1 for n in graph_module.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target))
-
-
 def export_program(model: nn.Module, spec: Optional[SlotSpec], out_dir: Path, quant: str, max_seq_len: int,
                    config: Optional[dict] = None, backend: str = "xnnpack") -> dict:
     """Write model.pte (program) and model.ptd (weights) into out_dir; returns the manifest fields.
 
     `model` is not modified (the export works on a copy). `spec=None` exports without slots (the
     bench's comparison). `config` (the base's config.json dict), when given, supplies the BOS/EOS
-    ids the ExecuTorch LLM runner reads from the program. `backend` names the partitioner
-    (`PARTITIONERS`) that delegates the graph.
+    ids the ExecuTorch LLM runner reads from the program. `backend` names the delegate
+    (`executorch_delegates.DELEGATES`) the graph is lowered to; a delegate that compiles the
+    weights into its own blob (all but XNNPACK) writes no model.ptd.
     """
     if quant not in QUANTS:
         raise OdloraError(f"unknown ExecuTorch quantisation {quant!r} (choose from {', '.join(QUANTS)})")
-    if backend not in PARTITIONERS:
-        raise OdloraError(f"unknown ExecuTorch backend {backend!r} (choose from {', '.join(PARTITIONERS)})")
+    if quant != "fp32" and backend != "xnnpack":
+        raise OdloraError(f"{quant} is torchao's quantisation for XNNPACK's kernels; the {backend} delegate takes "
+                          "fp32 here (its own quantiser is not wired in yet)", param="quant")
+    new_partitioner = lambda: partitioner(backend)  # noqa: E731  checked now, before the slow part
+    new_partitioner()
     decoder = quantize_base(prepare(model, max_seq_len), quant)
     module = PerLayerSlots(SlottedModel(decoder, spec)).eval() if spec is not None else decoder
     slots = tuple(per_layer(zero_slots(spec))) if spec is not None else ()
     chunk = min(PREFILL_CHUNK, max_seq_len)
-    delegates = lower(module, {"forward": 1, "prefill": chunk}, slots, Path(out_dir),
-                      metadata=runner_metadata(decoder.args, max_seq_len, chunk, config), quantised=quant != "fp32",
-                      partitioner=PARTITIONERS[backend]())
+    lowering = lower(module, {"forward": 1, "prefill": chunk}, slots, Path(out_dir),
+                     metadata=runner_metadata(decoder.args, max_seq_len, chunk, config), quantised=quant != "fp32",
+                     partitioner=new_partitioner())
     return {"executorch": {
-        "program": PROGRAM, "data": DATA, "methods": {"forward": 1, "prefill": chunk},
+        "program": PROGRAM, "data": DATA if (Path(out_dir) / DATA).exists() else None,
+        "methods": {"forward": 1, "prefill": chunk},
         "inputs": ["tokens", "input_pos", *(spec.per_layer_names() if spec is not None else ())],
-        "delegate_partitions": delegates, "backend": backend,
+        "delegate_partitions": {method: report["partitions"] for method, report in lowering.items()},
+        "backend": backend, "lowering": lowering,
     }}
-
-
-def xnnpack_partitioner():
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-    return XnnpackPartitioner()
-
-
-# The partitioners a program can be lowered with. The graph rewrites above are XNNPACK's; another
-# delegate (Vulkan, QNN, Core ML) gets its entry here and its rewrites beside them.
-PARTITIONERS = {"xnnpack": xnnpack_partitioner}
 
 
 def lower(module: nn.Module, methods: dict[str, int], extra_inputs: tuple, out_dir: Path, metadata: dict,
           quantised: bool, partitioner) -> dict[str, int]:
     """export -> graph rewrites -> edge + `partitioner` -> out_dir/model.pte + model.ptd, one method
-    per (name, T) in `methods` over the same weights and KV cache; returns delegate partitions per method."""
+    per (name, T) in `methods` over the same weights and KV cache; returns what the delegate took
+    of each method (`lowering_report`)."""
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
@@ -409,7 +406,7 @@ def lower(module: nn.Module, methods: dict[str, int], extra_inputs: tuple, out_d
             tag_weights(ep, tag)
             programs[method] = ep
     edge = to_edge_transform_and_lower(programs, partitioner=[partitioner], constant_methods=metadata)
-    delegates = {method: count_delegates(edge.exported_program(method).graph_module) for method in programs}
+    reports = {method: lowering_report(edge.exported_program(method).graph_module) for method in programs}
     program = edge.to_executorch(ExecutorchBackendConfig(
         # Weights outside the delegate go to the .ptd too; constants the compiler folded (masks,
         # per method and shape, under one name in every method) stay in the program.
@@ -423,7 +420,7 @@ def lower(module: nn.Module, methods: dict[str, int], extra_inputs: tuple, out_d
     with open(out_dir / PROGRAM, "wb") as f:
         program.write_to_file(f)
     program.write_tensor_data_to_file(str(out_dir))
-    return delegates
+    return reports
 
 
 def runner_metadata(args, max_seq_len: int, chunk: int, config: Optional[dict]) -> dict:

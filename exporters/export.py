@@ -53,10 +53,15 @@ def check_family(model, exporter_module, target: str) -> None:
 
 def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str] = None,
            max_rank: Optional[int] = None, targets=PROJECTIONS, max_seq_len: Optional[int] = None,
-           force: bool = False, say=print) -> dict:
+           force: bool = False, say=print, options: Optional[dict] = None) -> dict:
     """Export the base once for `target` with adapter slots; returns the manifest. None picks the
-    default: the target's first quantisation, DEFAULT_MAX_RANK, DEFAULT_MAX_SEQ_LEN."""
+    default: the target's first quantisation, DEFAULT_MAX_RANK, DEFAULT_MAX_SEQ_LEN, the target's
+    `export_options` (which `options` overrides: {"backend": "openvino"} for ExecuTorch)."""
     entry = find_target(target)
+    options = {**entry.export_options, **{k: v for k, v in (options or {}).items() if v is not None}}
+    if unknown := sorted(set(options) - set(entry.export_options)):
+        raise OdloraError(f"the {target} target takes no {', '.join(unknown)} option "
+                          f"({', '.join(entry.export_options) or 'it has none'})", param=unknown[0])
     max_rank = DEFAULT_MAX_RANK if max_rank is None else max_rank
     max_seq_len = DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len
     quant = quant or entry.quants[0]
@@ -71,9 +76,9 @@ def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str
         raise OdloraError(f"{max_seq_len} exceeds the base's {base.model.args.max_seq_len} positions", param="max_seq_len")
     spec = spec_for_model(base.model, targets, max_rank)
     with staged_output(out, EXPORT) as tmp:
-        say(f"exporting {base.spec} to {target} ({quant}, slots r<={max_rank} on {','.join(spec.targets)}) ...")
-        target_fields = module.export_program(base.model, spec, tmp, quant, max_seq_len, base.config,
-                                              **entry.export_options)
+        lowered = f", {options['backend']}" if "backend" in options else ""
+        say(f"exporting {base.spec} to {target} ({quant}{lowered}, slots r<={max_rank} on {','.join(spec.targets)}) ...")
+        target_fields = module.export_program(base.model, spec, tmp, quant, max_seq_len, base.config, **options)
         return write_manifest(tmp, base, target, quant, started, {"max_seq_len": max_seq_len, "slots": spec.to_dict(),
                                                                    **target_fields})
 

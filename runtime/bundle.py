@@ -14,7 +14,7 @@ An adapter bundle (`--no-base`) holds only `adapters/`: it is downloaded later a
 the installed base bundle (same format, target, base fingerprint and slot layout).
 
 bundle.json: `format` "odlora-bundle", `format_version`, `kind` ("base" | "adapters"), `target`,
-`base_fingerprint`, `slots` (the export's slot spec), `max_seq_len`, `prompt` (the chat template
+`delegate` (ExecuTorch bundles: the delegate the program is lowered to, which the app must link), `base_fingerprint`, `slots` (the export's slot spec), `max_seq_len`, `prompt` (the chat template
 rendered around one user message as `chat_prefix` / `chat_suffix`, and `stop_ids`, so that a
 runtime without a template engine builds the same prompt), `adapters` ([{id, file, rank, metrics,
 prompt_format}]; prompt_format "chat" wraps a request in chat_prefix/chat_suffix, "raw" feeds it as is),
@@ -87,6 +87,7 @@ def write_bundle(export_dir: Path, adapters: list[tuple[str, Path]], out: Path, 
         manifest = {
             "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "tool_version": __version__,
             "kind": "base" if with_base else "adapters", "target": export["target"],
+            **({"delegate": export["executorch"].get("backend", "xnnpack")} if export["target"] == "executorch" else {}),
             "base_fingerprint": export["base_fingerprint"], "slots": export["slots"],
             "max_seq_len": export["max_seq_len"], "prompt": prompt_template(export_dir, export),
             "adapters": entries, "files": file_table(tmp, BUNDLE_MANIFEST),

@@ -72,6 +72,7 @@ class ExecutorchSession:
         if self.manifest["target"] != "executorch":
             raise OdloraError(f"{self.dir}: a {self.manifest['target']} export, not an ExecuTorch one")
         fields = self.manifest["executorch"]
+        check_backend(fields.get("backend", "xnnpack"), self.dir)
         data = self.dir / fields["data"] if fields.get("data") else None
         self.program = Runtime.get().load_program(self.dir / fields["program"], data_path=data)
         self.decode = self.program.load_method("forward")
@@ -121,6 +122,22 @@ class ExecutorchSession:
         elif rest:  # too close to the end of the cache to pad: one token at a time
             outs += [self._run(self.decode, tokens[:, i:i + 1], positions[i:i + 1], slots) for i in range(done, T)]
         return torch.cat(outs, dim=1)
+
+
+def check_backend(backend: str, export_dir: Path) -> None:
+    """Refuse, in a line, an export lowered to a delegate this ExecuTorch runtime does not include
+    (the wheel registers XNNPACK, OpenVINO and QNN; Vulkan and Core ML run on their devices only)."""
+    from executorch.extension.pybindings.portable_lib import _get_registered_backend_names
+
+    registered = [name.lower() for name in _get_registered_backend_names()]
+    if not any(name.startswith(backend.lower()) for name in registered):
+        raise OdloraError(f"{export_dir} is lowered to ExecuTorch's {backend} delegate, which this runtime does "
+                          f"not include (it has {', '.join(sorted(registered))}): run it on its device's runtime")
+    if backend == "openvino":
+        try:
+            import openvino  # noqa: F401  the backend loads OpenVINO's libraries from this package
+        except ImportError:
+            raise OdloraError(f"{export_dir} is lowered to OpenVINO: pip install 'ondevice-lora[openvino]'") from None
 
 
 # -- the backend the runtime opens ---------------------------------------------------------------

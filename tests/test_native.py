@@ -123,7 +123,8 @@ def test_kotlin_wrapper_on_the_jvm_gives_the_same_tokens(native, tiny_bundle, tm
     done = subprocess.run([java, f"-Djava.library.path={jni.parent}", "-cp", str(jar), "CheckKt", PROMPT,
                            str(tiny_bundle["base"]), str(tiny_bundle["extra"])], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    lines = [line.split("\t") for line in done.stdout.splitlines()]
+    delegate, *lines = [line.split("\t") for line in done.stdout.splitlines()]
+    assert delegate == ["delegate", "xnnpack"]
     rt = Runtime.open_bundle(tiny_bundle["base"], [tiny_bundle["extra"]], threads=1)
     for adapter, tokens, finish in lines[:-1]:
         expected = rt.generate(PROMPT, adapter=None if adapter == "base" else adapter, sampling=SamplingConfig(max_new_tokens=12))

@@ -15,6 +15,7 @@ from ..config import (BASE_QUANTS, COMPUTE_DTYPES, DEFAULT_BASE_QUANT, DEFAULT_E
                       MAX_DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, LoraConfig, PersonalizeConfig, TrainConfig, parse_targets)
 from ..demo import DemoConfig, quick as quick_config
 from ..errors import OdloraError
+from ..exporters.executorch_delegates import DELEGATES as EXECUTORCH_DELEGATES
 from ..formats.slots import DEFAULT_MAX_RANK
 from ..formats.targets import DEFAULT_MAX_SEQ_LEN, TARGETS
 from ..prompts import PROMPT_FORMATS
@@ -244,6 +245,9 @@ def merge(base, adapters, out, force):
 @click.option("--targets", default=DEFAULT_TARGETS, show_default=True, help="Which linears get adapter slots.")
 @click.option("--max-seq-len", default=None, type=Bounded(bounds.EXPORT_SEQ_LEN),
               help=f"KV-cache length (at most the base's context).  [default: {DEFAULT_MAX_SEQ_LEN}]")
+@click.option("--backend", default=None, type=click.Choice(EXECUTORCH_DELEGATES),
+              help="executorch: the delegate the program is lowered to: " + ", ".join(EXECUTORCH_DELEGATES)
+              + " (ExecuTorch's partitioners; the slots stay runtime inputs on each).  [default: xnnpack]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--trainable", is_flag=True, help="executorch: export a LoRA training program instead "
               "(for `personalize --engine executorch --program`), shaped by --rank/--alpha/--targets/--batch-size/--seq-len.")
@@ -252,18 +256,22 @@ def merge(base, adapters, out, force):
 @setting("--batch-size", TrainConfig, type=Bounded(bounds.POSITIVE_INT), help="--trainable: rows per step.")
 @setting("--seq-len", PersonalizeConfig, type=Bounded(bounds.SEQ_LEN), help="--trainable: tokens per row.")
 @json_option
-def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, force, trainable, rank, alpha, batch_size,
-               seq_len, as_json):
+def export_cmd(base, target, out, quant, max_rank, targets, max_seq_len, backend, force, trainable, rank, alpha,
+               batch_size, seq_len, as_json):
     """Export the base once for a device runtime, with adapter slots and a KV cache."""
     from ..exporters.export import export
 
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if trainable and backend:
+        raise OdloraError("--trainable programs run on ExecuTorch's portable and XNNPACK kernels: drop --backend",
+                          param="backend")
     if trainable:
         lora = LoraConfig(**given(rank=rank, alpha=alpha), targets=parse_targets(targets))
         shape = PersonalizeConfig(**given(seq_len=seq_len), training=TrainConfig(**given(batch_size=batch_size)))
         manifest = export_training_program(base, target, quant, lora, shape, out, force, say)
     else:
-        manifest = export(base, target, out, quant, max_rank, parse_targets(targets), max_seq_len, force, say=say)
+        manifest = export(base, target, out, quant, max_rank, parse_targets(targets), max_seq_len, force, say=say,
+                          options={"backend": backend})
     sizes = {name: entry["size"] for name, entry in manifest["files"].items()}
     summary = {"export": str(out), "target": manifest["target"], "quant": manifest["quant"],
                **({"rank": lora.rank} if trainable else {"max_rank": manifest["slots"]["max_rank"]}),

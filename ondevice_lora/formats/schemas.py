@@ -248,8 +248,9 @@ class ExecutorchMethods(Schema):
 
 class ExecutorchFields(Schema):
     program: ExportPath
-    data: Optional[ExportPath] = None
+    data: Optional[ExportPath] = None  # absent: the weights are inside the program (a delegate's own blob)
     methods: ExecutorchMethods
+    backend: str = "xnnpack"  # the delegate it was lowered to (exporters/executorch_delegates.py)
 
 
 class CoremlArray(Schema):
@@ -340,6 +341,7 @@ class BundleManifest(Versioned):
 
     kind: Literal["base", "adapters"]
     target: str
+    delegate: Optional[str] = None  # an ExecuTorch base's delegate (its export's "backend"): what the app loads
     base_fingerprint: Fingerprint
     slots: SlotLayout
     max_seq_len: Optional[Count] = None

@@ -40,7 +40,7 @@ class Target:
 
 TARGETS = {t.name: t for t in (
     Target("onnx", ("fp32", "int8", "int4"), ".onnx_adapter", "onnxruntime"),
-    # The partitioner is a parameter of the ExecuTorch exporter (exporters/executorch.PARTITIONERS).
+    # The delegate is a parameter of the ExecuTorch exporter (exporters/executorch_delegates.DELEGATES).
     Target("executorch", ("fp32", "8da4w", "8da8w"), ".slots", "executorch", {"backend": "xnnpack"}),
     Target("coreml", ("fp16", "int8", "int4"), ".safetensors", "coremltools", runs_on=("darwin",),
            runs_on_why="Core ML runs models only on macOS/iOS (coremltools cannot predict elsewhere)"),

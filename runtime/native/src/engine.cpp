@@ -61,6 +61,22 @@ void share_packed_weights() {
     std::fprintf(stderr, "odlora: XNNPACK's weight cache is not available; each method packs its own weights\n");
 }
 
+// The delegate the program was lowered to (the manifest's "backend") must be linked into this
+// build: ExecuTorch registers a backend as "<Name>Backend" when its library is linked.
+void check_backend(const std::string& backend, const std::string& dir) {
+  std::string linked;
+  for (size_t i = 0; i < executorch::runtime::get_num_registered_backends(); ++i) {
+    auto name = executorch::runtime::get_backend_name(i);
+    if (!name.ok()) continue;
+    std::string id = *name, lower = id;
+    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+    if (lower.rfind(backend, 0) == 0) return;
+    linked += (linked.empty() ? "" : ", ") + id;
+  }
+  throw Error(dir + ": lowered to ExecuTorch's " + backend + " delegate, which this build does not include (it has " +
+              linked + ")");
+}
+
 }  // namespace
 
 Engine::Engine(const std::string& bundle_path) : bundle_(open_bundle(bundle_path)) {
@@ -82,9 +98,14 @@ Engine::Engine(const std::string& bundle_path) : bundle_(open_bundle(bundle_path
   max_seq_len_ = info.at("max_seq_len").get<int64_t>();
   vocab_ = info.at("config").at("vocab_size").get<int64_t>();
   const std::string dir = bundle_.base_dir() + "/";
+  delegate_ = et.value("backend", std::string("xnnpack"));
+  check_backend(delegate_, dir);
+  // A delegate that compiles the weights into its own blob (all but XNNPACK) writes no data file.
+  std::vector<std::string> data;
+  if (et.contains("data") && !et.at("data").is_null()) data.push_back(dir + et.at("data").get<std::string>());
   // Shared arenas: the export keeps one KV cache for both methods (share_mutable_buffers).
-  module_ = std::make_unique<Module>(dir + et.at("program").get<std::string>(), dir + et.at("data").get<std::string>(),
-                                     Module::LoadMode::Mmap, nullptr, nullptr, nullptr, /*share_memory_arenas=*/true);
+  module_ = std::make_unique<Module>(dir + et.at("program").get<std::string>(), data, Module::LoadMode::Mmap, nullptr,
+                                     nullptr, nullptr, /*share_memory_arenas=*/true);
   for (const char* method : {"forward", "prefill"})
     if (module_->load_method(method) != executorch::runtime::Error::Ok)
       throw Error(dir + ": cannot load method '" + method + "' of the program");

@@ -44,6 +44,8 @@ class Engine {
   std::vector<std::string> adapter_ids() const;
   const Bundle& bundle() const { return bundle_; }
   int max_seq_len() const { return max_seq_len_; }
+  // The ExecuTorch delegate the base program runs on (bundle.json's "delegate"; "xnnpack" before it).
+  const std::string& delegate() const { return delegate_; }
 
   // Prompt token ids: the user's text inside the chat template (`chat`), or the raw text.
   std::vector<uint64_t> encode(const std::string& prompt, bool chat) const;
@@ -71,6 +73,7 @@ class Engine {
   std::map<std::string, std::unique_ptr<LoadedSlots>> adapters_;
   std::set<std::string> raw_adapters_;  // ids trained on raw prompts
   int64_t chunk_ = 1, max_seq_len_ = 0, vocab_ = 0;
+  std::string delegate_;
 };
 
 }  // namespace odlora

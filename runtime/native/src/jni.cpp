@@ -77,6 +77,10 @@ JNIEXPORT jobjectArray JNICALL Java_ai_odlora_OdloraRuntime_nativeAdapterIds(JNI
   return out;
 }
 
+JNIEXPORT jstring JNICALL Java_ai_odlora_OdloraRuntime_nativeDelegate(JNIEnv* env, jclass, jlong handle) {
+  return env->NewStringUTF(engine(handle)->delegate().c_str());
+}
+
 JNIEXPORT jobject JNICALL Java_ai_odlora_OdloraRuntime_nativeGenerate(JNIEnv* env, jclass, jlong handle, jstring prompt,
                                                                       jstring adapter, jint max_new_tokens) {
   return guarded<jobject>(env, nullptr, [&] {

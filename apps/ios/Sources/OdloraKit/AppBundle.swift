@@ -22,6 +22,8 @@ public struct AppBundle {
         public let format_version: Int
         public let kind: String
         public let target: String
+        /// An ExecuTorch base's delegate ("xnnpack", "coreml", ...), which the app must link; nil for other targets.
+        public let delegate: String?
         public let base_fingerprint: String
         public let max_seq_len: Int
         public let prompt: Prompt

@@ -40,6 +40,10 @@ static NSError* ToError(const std::exception& e) {
   return ids;
 }
 
+- (NSString*)delegate {
+  return @(_engine->delegate().c_str());
+}
+
 - (nullable NSString*)generate:(NSString*)prompt adapter:(nullable NSString*)adapter
                   maxNewTokens:(NSInteger)maxNewTokens error:(NSError**)error {
   try {

@@ -9,6 +9,9 @@ NS_ASSUME_NONNULL_BEGIN
 /// Verifies an adapter bundle against the base and registers its adapters.
 - (BOOL)addAdapterBundle:(NSString*)path error:(NSError**)error;
 @property(nonatomic, readonly) NSArray<NSString*>* adapterIds;
+/// The ExecuTorch delegate the base runs on (bundle.json's "delegate": "xnnpack", "coreml", ...); its
+/// backend must be linked into the app, or initWithBundle fails naming it.
+@property(nonatomic, readonly) NSString* delegate;
 /// Greedy answer, asked as the adapter was trained (the chat template, or raw text for a "raw"
 /// adapter); `adapter` nil is the base.
 - (nullable NSString*)generate:(NSString*)prompt adapter:(nullable NSString*)adapter

@@ -18,6 +18,11 @@ class OdloraRuntime private constructor(private var handle: Long) : java.io.Clos
     val adapterIds: List<String>
         get() = nativeAdapterIds(checkOpen()).toList()
 
+    /** The ExecuTorch delegate the base runs on (bundle.json's `delegate`: "xnnpack", "openvino", "vulkan",
+     *  "qnn", ...). Its backend must be linked into the app's `odlora_jni`; opening fails otherwise. */
+    val delegate: String
+        get() = nativeDelegate(checkOpen())
+
     /** Verifies an adapter bundle (downloaded later) against the base and registers its adapters. */
     fun addAdapterBundle(path: String) = nativeAddAdapterBundle(checkOpen(), path)
 
@@ -47,6 +52,7 @@ class OdloraRuntime private constructor(private var handle: Long) : java.io.Clos
         @JvmStatic private external fun nativeOpen(bundle: String): Long
         @JvmStatic private external fun nativeAddAdapterBundle(handle: Long, path: String)
         @JvmStatic private external fun nativeAdapterIds(handle: Long): Array<String>
+        @JvmStatic private external fun nativeDelegate(handle: Long): String
         @JvmStatic private external fun nativeGenerate(handle: Long, prompt: String, adapter: String, maxNewTokens: Int): Generation
         @JvmStatic private external fun nativeClose(handle: Long)
     }
