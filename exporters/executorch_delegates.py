@@ -33,7 +33,7 @@ from ..errors import OdloraError
 class Delegate:
     name: str  # ExecuTorch's name for it (its backend registers as <Name>Backend), and the manifest's "backend"
     partitioner: Callable[[], object]  # a fresh partitioner (they hold state between methods)
-    device: str  # what it runs on, for --help and reports
+    device: str  # what it runs on (bench/bench_delegates.py's table)
     needs: str = ""  # what lowering needs beyond the export extra, said when it is missing
 
 
@@ -122,8 +122,7 @@ def partitioner(name: str):
 
 def lowering_report(graph_module) -> dict:
     """Partitions, the ops inside them, and the ops left to the portable CPU kernels (by name)."""
-    delegated, fallback = 0, {}
-    partitions = 0
+    partitions, delegated, fallback = 0, 0, {}
     for node in graph_module.graph.nodes:
         if node.op != "call_function" or is_bookkeeping(node):
             continue
