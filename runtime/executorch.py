@@ -16,6 +16,7 @@ from ..errors import OdloraError
 from ..formats.blobs import EXECUTORCH_SLOTS_FORMAT
 from ..formats.manifest import read_manifest
 from ..formats.slots import SlotSpec
+from ..quiet import native_stderr_hidden, package_skipped
 from ..models.slots import per_layer, zero_slots
 from .backends import Backend, Loaded, tensors_nbytes
 
@@ -60,13 +61,7 @@ class ExecutorchSession:
     """
 
     def __init__(self, export_dir: Path, threads: Optional[int] = None):
-        from executorch.runtime import Runtime
-
-        import executorch.kernels.quantized  # noqa: F401  registers the quantised embedding kernels
-
-        if threads:
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-            _unsafe_reset_threadpool(threads)
+        Runtime = executorch_runtime()
         self.dir = Path(export_dir)
         self.manifest = read_manifest(self.dir, verify=False)
         if self.manifest["target"] != "executorch":
@@ -74,9 +69,13 @@ class ExecutorchSession:
         fields = self.manifest["executorch"]
         check_backend(fields.get("backend", "xnnpack"), self.dir)
         data = self.dir / fields["data"] if fields.get("data") else None
-        self.program = Runtime.get().load_program(self.dir / fields["program"], data_path=data)
-        self.decode = self.program.load_method("forward")
-        self.prefill = self.program.load_method("prefill")
+        with native_stderr_hidden():  # ExecuTorch's info lines (CPU probing, the thread pool)
+            if threads:
+                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+                _unsafe_reset_threadpool(threads)
+            self.program = Runtime.get().load_program(self.dir / fields["program"], data_path=data)
+            self.decode = self.program.load_method("forward")
+            self.prefill = self.program.load_method("prefill")
         self.chunk = fields["methods"]["prefill"]
         self.max_seq_len = self.manifest["max_seq_len"]
         self._zeros = zero_slots(SlotSpec.from_dict(self.manifest["slots"]))  # the base, allocated once
@@ -122,6 +121,22 @@ class ExecutorchSession:
         elif rest:  # too close to the end of the cache to pad: one token at a time
             outs += [self._run(self.decode, tokens[:, i:i + 1], positions[i:i + 1], slots) for i in range(done, T)]
         return torch.cat(outs, dim=1)
+
+
+def executorch_runtime():
+    """ExecuTorch's Python `Runtime` class, loaded without ExecuTorch's exporter.
+
+    `executorch.runtime` imports `executorch.exir._warnings` (one decorator) and, through its
+    package, all of `executorch.exir`: the exporter, torchao included, whose import prints two
+    "Failed to load" lines and a torch deprecation warning and takes seconds. Loading that one
+    module from its file first keeps the exporter out of a process that only runs programs.
+    """
+    with package_skipped("executorch.exir._warnings"):
+        from executorch.runtime import Runtime
+
+    import executorch.kernels.quantized  # noqa: F401  registers the quantised embedding kernels
+
+    return Runtime
 
 
 def check_backend(backend: str, export_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -16,8 +17,12 @@ FLAGS = {"prompt_format": "--format", "use_rslora": "--rslora", "eval_examples":
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ondevice-lora")
-def cli():
+@click.option("-v", "--verbose", is_flag=True, help="Also show the warnings and logs of the libraries underneath "
+              "(ExecuTorch, torch, coremltools...), hidden by default.")
+def cli(verbose):
     """On-device personalisation with LoRA: train adapters on a frozen base, export it once, swap adapters."""
+    if verbose:
+        os.environ["ODLORA_VERBOSE"] = "1"  # read by ondevice_lora.quiet, here and in worker processes
 
 
 
