@@ -370,15 +370,14 @@ def export_program(model: nn.Module, spec: Optional[SlotSpec], out_dir: Path, qu
     if quant != "fp32" and backend != "xnnpack":
         raise OdloraError(f"{quant} is torchao's quantisation for XNNPACK's kernels; the {backend} delegate takes "
                           "fp32 here (its own quantiser is not wired in yet)", param="quant")
-    new_partitioner = lambda: partitioner(backend)  # noqa: E731  checked now, before the slow part
-    new_partitioner()
+    lowering_partitioner = partitioner(backend)  # before the slow part: a delegate missing here fails at once
     decoder = quantize_base(prepare(model, max_seq_len), quant)
     module = PerLayerSlots(SlottedModel(decoder, spec)).eval() if spec is not None else decoder
     slots = tuple(per_layer(zero_slots(spec))) if spec is not None else ()
     chunk = min(PREFILL_CHUNK, max_seq_len)
     lowering = lower(module, {"forward": 1, "prefill": chunk}, slots, Path(out_dir),
                      metadata=runner_metadata(decoder.args, max_seq_len, chunk, config), quantised=quant != "fp32",
-                     partitioner=new_partitioner())
+                     partitioner=lowering_partitioner)
     return {"executorch": {
         "program": PROGRAM, "data": DATA if (Path(out_dir) / DATA).exists() else None,
         "methods": {"forward": 1, "prefill": chunk},

@@ -32,7 +32,7 @@ from ..errors import OdloraError
 @dataclass(frozen=True)
 class Delegate:
     name: str  # ExecuTorch's name for it (its backend registers as <Name>Backend), and the manifest's "backend"
-    partitioner: Callable[[], object]  # a fresh partitioner (they hold state between methods)
+    partitioner: Callable[[], object]  # makes the partitioner (imports its backend's package)
     device: str  # what it runs on (bench/bench_delegates.py's table)
     needs: str = ""  # what lowering needs beyond the export extra, said when it is missing
 

@@ -51,16 +51,16 @@ def native_stderr_hidden():
     saved = os.dup(2)
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
+        failed = True
         try:
             yield
-        except BaseException:
-            os.dup2(saved, 2)
-            caught.seek(0)
-            os.write(2, caught.read())
-            raise
+            failed = False
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            if failed:
+                caught.seek(0)
+                os.write(2, caught.read())
 
 
 @contextlib.contextmanager
