@@ -53,7 +53,7 @@ def run_odlora(args, base_quant, dtype, *options):
     from ondevice_lora.base import load_base
     from ondevice_lora.config import LoraConfig
     from ondevice_lora.lora import apply_lora
-    from ondevice_lora.personalize import DTYPES
+    from ondevice_lora.personalization import DTYPES
     from ondevice_lora.quant import quantize_base
     from ondevice_lora.train import TorchEngine
 

@@ -31,6 +31,7 @@ from .lora import LoRALinear, lora_layers
 from .models.rewrite import replace_linears
 from .outputs import ADAPTER, staged_output
 from .prompts import DEFAULT_PROMPT_FORMAT
+from .registry import hub_name
 
 PEFT_PREFIX = "base_model.model."
 # the module is a dotted path of names and indices (model.layers.0.self_attn.q_proj)
@@ -162,7 +163,7 @@ def peft_config(adapter: Adapter, base_name: str) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_name,
+        "base_model_name_or_path": hub_name(base_name),
         "r": c.rank,
         "lora_alpha": c.alpha,
         "lora_dropout": c.dropout,

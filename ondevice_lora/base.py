@@ -1,6 +1,7 @@
-"""Load a base model from a BASE spec: a Hugging Face directory, a .gguf file or a registered name.
+"""Load a base model from a BASE spec: a Hugging Face directory, a .gguf file, a registered name or
+a Hugging Face model id in the hub's local cache (`hub.py`).
 
-    base = load_base("smollm2-135m-instruct")     # or "path/to/hf_dir", "model.Q4_1.gguf"
+    base = load_base("smollm2-135m-instruct")     # or "path/to/hf_dir", "model.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M"
     base.model, base.tokenizer, base.fingerprint
 
 The model comes back frozen (no gradients), in eval mode, in `dtype` (fp32 by default).
@@ -14,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import registry
+from . import hub, registry
 from .errors import OdloraError
 from .fingerprint import cached_fingerprint, fingerprint_tensors
 from .gguf_checkpoint import read_gguf, read_gguf_tokenizer
@@ -46,9 +47,18 @@ def resolve(spec: Optional[str]) -> Path:
         if not registry.is_pulled(spec):
             raise OdloraError(f"base {spec!r} is not pulled yet: run `odlora base pull {spec}`")
         return registry.base_dir(spec)
+    if hub.is_hub_id(spec) and not path.exists():
+        snapshot = hub.cached_snapshot(spec)
+        if snapshot is None:
+            raise OdloraError(f"{spec}: no such directory, and no model {spec} in the Hugging Face cache: "
+                              f"`odlora base pull {spec}` downloads it")
+        return snapshot
     if "/" in spec or path.exists():
-        raise OdloraError(f"{spec}: no such directory (a base is a model directory, a .gguf file or a registered name)")
-    raise OdloraError(f"unknown base name {spec!r} (registered: {', '.join(registry.REGISTRY)})")
+        raise OdloraError(f"{spec}: no such directory (a base is a model directory, a .gguf file, a registered name "
+                          f"or a Hugging Face model id)")
+    raise OdloraError(f"unknown base name {spec!r} (registered: {', '.join(registry.REGISTRY)}; or give a model "
+                      f"directory, a .gguf file or a Hugging Face model id)")
+
 
 
 def _family(config: dict, source: Path):

@@ -102,5 +102,7 @@ SEED = Bound(0, MAX_SEED, integer=True)
 THREADS = Bound(1, MAX_THREADS, integer=True)
 TEMPERATURE = Bound(0, 2)
 TOP_P = Bound(0, 1, low_open=True)
+PENALTY = Bound(-2, 2)  # presence/frequency penalty: OpenAI's range
+LOGIT_BIAS = Bound(-100, 100)  # OpenAI's range: -100 bans a token, 100 all but forces it
 ADAPTER_WEIGHT = Bound()  # a blend weight: any finite number (negative subtracts an adapter)
 PORT = Bound(0, 65535, integer=True)  # 0: any free port

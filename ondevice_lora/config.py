@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .bounds import (ALPHA, DROPOUT, EPOCHS, LR, NON_NEGATIVE_INT, POSITIVE_INT, SEED, SEQ_LEN, TEMPERATURE, THREADS, TOP_P,
-                     VAL_SPLIT, Bound, check_fields)
+from .bounds import (ALPHA, DROPOUT, EPOCHS, LOGIT_BIAS, LR, NON_NEGATIVE_INT, PENALTY, POSITIVE_INT, SEED, SEQ_LEN,
+                     TEMPERATURE, THREADS, TOP_P, VAL_SPLIT, Bound, check_fields)
 from .errors import OdloraError
 from .prompts import DEFAULT_PROMPT_FORMAT
 
@@ -195,7 +195,7 @@ class PersonalizeConfig:
 
     def validate(self) -> None:
         """Every setting that needs no base, before anything loads: a bad flag costs nothing.
-        What needs the base (its context, its linears, this machine's RAM) is `personalize.check_fits`."""
+        What needs the base (its context, its linears, this machine's RAM) is `personalization.check_fits`."""
         if self.dtype not in COMPUTE_DTYPES:
             raise OdloraError(f"{self.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}", param="dtype")
         if self.engine not in ENGINES:
@@ -209,19 +209,31 @@ class PersonalizeConfig:
 
 @dataclass
 class SamplingConfig:
+    """How each next token is chosen. The penalties, the bias and the grammar change the logits
+    before temperature/top-k/top-p (or greedy) pick from them."""
+
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 means no top-k cut
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0  # subtracted once from each token already generated (OpenAI's formula)
+    frequency_penalty: float = 0.0  # subtracted once per time a token was already generated
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    grammar: Optional[str] = None  # an llguidance grammar (grammar.py) every answer must match
 
     def validate(self):
         """Every field's range (bounds.py); an error names the field."""
         check_fields(self, {"max_new_tokens": POSITIVE_INT, "temperature": TEMPERATURE, "top_k": NON_NEGATIVE_INT,
-                            "top_p": TOP_P, "seed": SEED})
+                            "top_p": TOP_P, "seed": SEED, "presence_penalty": PENALTY,
+                            "frequency_penalty": PENALTY})
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise OdloraError(f"each stop is a non-empty string, got {self.stop!r}", param="stop")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise OdloraError(f"{token!r} is not a token id", param="logit_bias")
+            LOGIT_BIAS.check(bias, "logit_bias")
 
 
 def default_of(config: type, name: str):

@@ -203,7 +203,7 @@ def quiet_toolchain():
 # -- the stages -------------------------------------------------------------------------------------
 
 def personalize_stage(cfg: DemoConfig, task: str, say) -> dict:
-    from .personalize import personalize
+    from .personalization import personalize
 
     out = cfg.out / "adapters" / task
     training = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, eval_every=0, save_every=0)
@@ -502,8 +502,8 @@ def format_summary(s: dict, final: bool = True) -> str:
     return "\n".join(lines)
 
 
-def table(rows: list[list[str]]) -> list[str]:
-    """Left-aligned first column, the others right-aligned, two spaces apart."""
+def table(rows: list[list[str]], left: int = 1) -> list[str]:
+    """The first `left` columns left-aligned (text), the others right-aligned (figures), two spaces apart."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-            for row in rows]
+    return ["  " + "  ".join(cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in rows]

@@ -34,3 +34,7 @@ class OdloraError(Exception):
     def _spelled(self, spell: Callable[[str], str]) -> str:
         text = _NAMED.sub(lambda m: spell(m[1]), self.detail)
         return f"{spell(self.param)}: {text}" if self.param else text
+
+
+class ContextLengthExceeded(OdloraError):
+    """A prompt that leaves no room in the model's context to generate (OpenAI's `context_length_exceeded`)."""

@@ -1,18 +1,23 @@
 """Text generation with the KV cache: prefill once, then one token per step.
 
-Greedy when temperature is 0; otherwise temperature, top-k and top-p (nucleus) sampling with a
-seeded generator, so the same seed gives the same text. Stops on an EOS id, a stop string or
-`max_new_tokens`; `on_text` receives the text as it becomes final (streaming).
+`TokenChooser` picks each token: the logits adjusted (presence/frequency penalties, logit bias, a
+grammar's mask), then greedy when temperature is 0, otherwise temperature, top-k and top-p
+(nucleus) sampling with a seeded generator, so the same seed gives the same text. Generation
+stops on an EOS id, a stop string or `max_new_tokens`; `on_text` receives the text as it becomes
+final (streaming).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from .config import SamplingConfig
 from .errors import OdloraError
+from .grammar import GrammarState
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator]) -> int:
@@ -32,20 +37,95 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[t
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model's own distribution (before penalties,
+    bias, grammar and temperature: what the model thought), and the `top` most likely tokens'."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # most likely first
+
+
+class TokenChooser:
+    """Picks the tokens of one answer, one at a time, and remembers what it needs to: how often each
+    token was said (the penalties), where the answer stands in its grammar, and each token's
+    log-probability when `logprobs` (the number of alternatives to keep) is set."""
+
+    def __init__(self, cfg: SamplingConfig, generator: Optional[torch.Generator] = None,
+                 grammar: Optional[GrammarState] = None, logprobs: Optional[int] = None):
+        self.cfg, self.generator, self.grammar, self.logprobs = cfg, generator, grammar, logprobs
+        self.counts: dict[int, int] = {}
+        self.record: list[TokenLogprob] = []
+
+    @classmethod
+    def for_answer(cls, cfg: SamplingConfig, tokenizer=None, stop_ids: frozenset = frozenset(),
+                   logprobs: Optional[int] = None) -> "TokenChooser":
+        """A chooser with its seeded generator and, when `cfg.grammar` is set, the grammar's state
+        (which needs the tokenizer and the end tokens)."""
+        cfg.validate()
+        generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        grammar = None
+        if cfg.grammar is not None:
+            if tokenizer is None:
+                raise OdloraError("a grammar needs the tokenizer", param="grammar")
+            grammar = GrammarState(tokenizer, cfg.grammar, frozenset(stop_ids))
+        return cls(cfg, generator, grammar, logprobs)
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token after `logits` (vocab,)."""
+        logits = logits.float().reshape(-1)
+        token = sample_next(self.adjusted(logits), self.cfg, self.generator)
+        if self.logprobs is not None:
+            self.record.append(token_logprob(logits, token, self.logprobs))
+        self.counts[token] = self.counts.get(token, 0) + 1
+        if self.grammar is not None:
+            self.grammar.accept(token)
+        return token
+
+    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        penalised = self.counts and (cfg.presence_penalty or cfg.frequency_penalty)
+        if not (penalised or cfg.logit_bias or self.grammar is not None):
+            return logits
+        # In numpy, one thread: torch would spread a 49k-wide op over its thread pool, which waits
+        # for the cores an inference session's threads still spin on after a step (2 ms a token).
+        values = logits.numpy().copy()
+        if penalised:  # OpenAI's formula: minus count x frequency, minus presence once if said at all
+            ids = np.fromiter(self.counts, dtype=np.int64)
+            counts = np.fromiter(self.counts.values(), dtype=np.float32)
+            values[ids] -= counts * cfg.frequency_penalty + cfg.presence_penalty
+        for token, bias in cfg.logit_bias.items():
+            values[token] += bias
+        if self.grammar is not None:
+            values[~self.grammar.allowed(values.size)] = -np.inf
+        return torch.from_numpy(values)
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under softmax(logits), and the `top` likeliest tokens' (numpy: see `adjusted`)."""
+    values = logits.numpy().astype(np.float64)
+    peak = values.max()
+    logprobs = values - (peak + np.log(np.exp(values - peak).sum()))
+    best = np.argpartition(-logprobs, top)[:top] if top else np.empty(0, dtype=np.int64)
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return TokenLogprob(token, float(logprobs[token]), [(int(t), float(logprobs[t])) for t in best])
+
+
 @torch.no_grad()
-def generate_tokens(model, prompt_ids: list[int], cfg: SamplingConfig, stop_ids: set[int]) -> Iterator[int]:
-    """Yield new token ids (EOS excluded) until EOS or max_new_tokens."""
-    cfg.validate()
+def generate_tokens(model, prompt_ids: list[int], cfg: SamplingConfig, stop_ids: set[int],
+                    tokenizer=None) -> Iterator[int]:
+    """Yield new token ids (EOS excluded) until EOS or max_new_tokens (`tokenizer`: for a grammar)."""
+    chooser = TokenChooser.for_answer(cfg, tokenizer, frozenset(stop_ids))
     n = len(prompt_ids)
     max_len = model.args.max_seq_len
     if n >= max_len:
         raise OdloraError(f"prompt has {n} tokens; the model holds at most {max_len - 1} before generating")
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     model.setup_cache(max_batch=1, max_seq_len=min(max_len, n + cfg.max_new_tokens))
     try:
         logits = model(torch.tensor([prompt_ids]), input_pos=torch.arange(n))[0, -1]
         for pos in range(n, min(max_len, n + cfg.max_new_tokens)):
-            token = sample_next(logits, cfg, generator)
+            token = chooser.choose(logits)
             if token in stop_ids:
                 return
             yield token
@@ -96,7 +176,7 @@ def generate_text(model, tokenizer, prompt_ids: list[int], cfg: SamplingConfig, 
                   on_text: Optional[Callable[[str], None]] = None) -> str:
     """Generate and decode; stream final text pieces to `on_text`; cut at the first stop string."""
     stream = TextStream(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), cfg.stop, on_text)
-    for token in generate_tokens(model, prompt_ids, cfg, stop_ids):
+    for token in generate_tokens(model, prompt_ids, cfg, stop_ids, tokenizer):
         if stream.push(token):
             break
     return stream.close()

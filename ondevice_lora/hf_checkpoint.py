@@ -54,12 +54,14 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def write_model_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor], tokenizer,
-                    origin: Optional[dict] = None) -> None:
+                    origin: Optional[dict] = None, generation_config: Optional[dict] = None) -> None:
     """Write a complete model directory atomically: build it beside `out`, then swap it in.
     `odlora-model.json` marks it as ours (and says what it was made from, `origin`), so that a
     later write may replace it, and nothing else, with --force."""
     with staged_output(out, MODEL) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
         marker = {"format": "odlora-model", "tool_version": __version__, **(origin or {})}
         (tmp / MODEL_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         contiguous = {k: v.contiguous() for k, v in tensors.items()}

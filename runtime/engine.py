@@ -24,11 +24,12 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..base import load_tokenizer
-from ..errors import OdloraError, named
+from ..errors import ContextLengthExceeded, OdloraError, named
 from ..formats.adapter_ids import check_adapter_id
 from ..formats.manifest import read_manifest
 from ..config import SamplingConfig
-from ..generate import TextStream, sample_next
+from ..generate import TextStream, TokenChooser, TokenLogprob
+from ..grammar import grammar_tokenizer
 from ..prompts import encode_prompt, has_chat_template, render_chat, stop_token_ids
 from .adapters import (AdapterCache, RegisteredAdapter, blend_prompt_format, check_checksum, combine_slots, file_stamp,
                        label, normalise, read_sidecar)
@@ -49,6 +50,7 @@ class GenerationResult:
     seconds: float
     prefill_seconds: float
     prompt_format: str = "chat"  # how the prompt was rendered: "chat" (template) or "raw"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for
 
     def to_dict(self) -> dict:
         return {"text": self.text, "adapter": self.adapter, "tokens": len(self.token_ids),
@@ -179,12 +181,15 @@ class Runtime:
 
     def encode(self, prompt, chat: bool = True) -> list[int]:
         """Token ids for a prompt string (chat-templated when `chat` and the tokenizer has a
-        template) or for a list of {"role", "content"} messages (templated; with `chat` False,
-        for an adapter trained on raw text, a single user message is fed as its raw content)."""
+        template), for a list of {"role", "content"} messages (templated; with `chat` False,
+        for an adapter trained on raw text, a single user message is fed as its raw content), or
+        for a list of token ids (fed as they are)."""
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return self.check_token_ids(prompt, "prompt")
         is_messages = (isinstance(prompt, list) and bool(prompt)
                        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt))
         if not isinstance(prompt, str) and not is_messages:
-            raise OdloraError("a prompt is a string or a list of {'role', 'content'} messages")
+            raise OdloraError("a prompt is a string, a list of {'role', 'content'} messages or a list of token ids")
         if is_messages and not chat:
             if len(prompt) != 1 or prompt[0]["role"] != "user" or not isinstance(prompt[0]["content"], str):
                 raise OdloraError("this adapter was trained on raw prompts (--format raw): send one user message, "
@@ -202,41 +207,64 @@ class Runtime:
             raise OdloraError("the prompt is empty")
         return ids
 
-    def _decode(self, ids: list[int]) -> str:
+    def check_token_ids(self, ids: list[int], param: str) -> list[int]:
+        """`ids` when each is a token of this export's vocabulary."""
+        bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
+        if bad:
+            raise OdloraError(f"{bad[0]} is not a token id of this export (0 to {len(self.tokenizer) - 1})", param=param)
+        return ids
+
+    def detokenize(self, ids: list[int]) -> str:
         with self._tokenizer_lock:  # a fast tokenizer is not safe to share across threads
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token's text on its own (a piece of a multi-byte character decodes as U+FFFD)."""
+        return self.detokenize([token])
+
+    def token_bytes(self, token: int) -> bytes:
+        """One token's exact UTF-8 bytes (a piece of a multi-byte character included), read through
+        llguidance's tokenizer (grammar.py), which knows each tokenizer family's byte encoding."""
+        stop_ids = stop_token_ids(self.tokenizer, self.manifest.get("config", {}))
+        return grammar_tokenizer(self.tokenizer, frozenset(stop_ids)).decode_bytes([token])
+
     def generate(self, prompt, adapter: AdapterArg = None, strength: float = 1.0,
                  sampling: Optional[SamplingConfig] = None, on_text: Optional[Callable[[str], None]] = None,
-                 chat: Optional[bool] = None) -> GenerationResult:
+                 chat: Optional[bool] = None, logprobs: Optional[int] = None,
+                 on_logprobs: Optional[Callable[[list[TokenLogprob]], None]] = None) -> GenerationResult:
         """Prefill the prompt, decode with the KV cache, return the text (cut at a stop string).
 
-        prompt: a string or chat messages. adapter: None (the base), an id, or a blend
+        prompt: a string, chat messages or token ids. adapter: None (the base), an id, or a blend
         [(id, weight), ...]; `strength` scales the whole adapter (0: the base). `chat`: None asks
         the adapter the way it was trained (`prompt_format`), True/False force the chat template
         or raw text. `on_text` receives the text as it becomes final (held back while it could
-        still become a stop string).
+        still become a stop string). `logprobs`: record each token's log-probability and this many
+        alternatives (`GenerationResult.logprobs`); `on_logprobs` receives them, just before the
+        `on_text` call for the text they make (the rest are in the result).
         """
         started = time.perf_counter()
         cfg = sampling or SamplingConfig()
-        cfg.validate()
+        self.check_token_ids(list(cfg.logit_bias), "logit_bias")
         prompt_format = self.prompt_format(adapter) if chat is None else ("chat" if chat else "raw")
         ids = self.encode(prompt, chat=prompt_format == "chat")
         n = len(ids)
         if n >= self.max_seq_len:
-            raise OdloraError(f"the prompt has {n} tokens; this export's {named('max_seq_len')} {self.max_seq_len} leaves "
-                              f"room for at most {self.max_seq_len - 1} before generating")
+            raise ContextLengthExceeded(f"the prompt has {n} tokens; this export's {named('max_seq_len')} "
+                                        f"{self.max_seq_len} leaves room for at most {self.max_seq_len - 1} "
+                                        f"before generating")
         loaded, name = self.resolve_adapter(adapter, strength)
-        generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         stop_ids = stop_token_ids(self.tokenizer, self.manifest.get("config", {}))
+        chooser = TokenChooser.for_answer(cfg, self.tokenizer, frozenset(stop_ids), logprobs)
         finish = "length"
-        stream = TextStream(self._decode, cfg.stop, on_text)
+        stream = TextStream(self.detokenize, cfg.stop, self._final_text(chooser, on_text, on_logprobs))
         with self.backend.sequence(loaded) as seq:  # a serial backend may wait here for its turn
             prefill_started = time.perf_counter()
             logits = seq.forward(ids, 0)
             prefill_seconds = time.perf_counter() - prefill_started
             for pos in range(n, min(self.max_seq_len, n + cfg.max_new_tokens)):
-                token = sample_next(logits, cfg, generator)
+                token = chooser.choose(logits)
+                if token in stop_ids:
+                    del chooser.record[len(stream.tokens):]  # the end token is no part of the answer
                 if token in stop_ids or stream.push(token):
                     finish = "stop"
                     break
@@ -244,4 +272,19 @@ class Runtime:
                     logits = seq.forward([token], pos)
         text, tokens = stream.close(), stream.tokens
         return GenerationResult(text, tokens, n, name, finish, time.perf_counter() - started, prefill_seconds,
-                                prompt_format)
+                                prompt_format, chooser.record)
+
+    @staticmethod
+    def _final_text(chooser: TokenChooser, on_text, on_logprobs):
+        """`on_text`, preceded by `on_logprobs` with the log-probabilities not handed on yet."""
+        if on_text is None or on_logprobs is None:
+            return on_text
+        handed = 0
+
+        def final_text(text: str) -> None:
+            nonlocal handed
+            on_logprobs(chooser.record[handed:])
+            handed = len(chooser.record)
+            on_text(text)
+
+        return final_text

@@ -6,14 +6,22 @@ and pick an adapter per request through `model`.
         "messages": [{"role": "user", "content": "Normalise: March 5th, 2021"}]}'
 
     GET  /v1/models              `base` and every registered adapter id
+    GET  /v1/models/{id}         one of them
     POST /v1/chat/completions    messages, asked as the adapter was trained (the export's chat template;
                                  for one trained with `--format raw`, a single user message as raw text)
-    POST /v1/completions         a raw prompt (no template)
+    POST /v1/completions         raw prompts (no template): text or token ids, one or a list
 
 `model` is `base`, an adapter id, or a blend written as results label one (`a:0.7+b:0.3`).
-Requests honour max_tokens, temperature, top_p, seed, stop, and stream (server-sent events in
-OpenAI's chunk format); bodies are checked by `openai_schema.py`. A bad request gets a 4xx with
-OpenAI's error JSON naming the field, and fails alone.
+Requests honour max_tokens / max_completion_tokens, temperature, top_p, top_k, seed, stop,
+presence_penalty, frequency_penalty, logit_bias, n, logprobs / top_logprobs, echo (completions),
+response_format (text, json_object, json_schema: the answer is constrained to the schema token by
+token, `grammar.py`) and stream (server-sent events in OpenAI's chunk format, with
+stream_options.include_usage). Any other field is refused: bodies are checked by
+`openai_schema.py`. A bad request gets a 4xx with OpenAI's error JSON naming the field and its
+code (a prompt too long for the export: `context_length_exceeded`), and fails alone. Every answer
+carries the export's base fingerprint as `system_fingerprint`. `n` answers, and the answers to a
+list of prompts, are generated one after another in one worker (choice i of a seeded request uses
+seed + i).
 
 `odlora serve` also hands the server a `ondevice_lora.web.app.WebApp`: the demo page at `/` and its `/odlora/...`
 routes (personalisation jobs), answered by that module.
@@ -57,12 +65,16 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..errors import OdloraError
+from ..config import SamplingConfig
+from ..errors import ContextLengthExceeded, OdloraError
+from ..generate import TokenLogprob
+from ..grammar import json_grammar
 from .access import Access, Guard
 from .adapters import normalise, parse_label
 from .engine import GenerationResult, Runtime
@@ -95,38 +107,85 @@ class Endpoint:
     object: str
     chunk_object: str
     id_prefix: str
+    prompt_field: str  # what a too-long prompt's error names
 
-    def choice(self, text: str, finish: str) -> dict:
+    def choice(self, index: int, text: str, finish: str, logprobs: Optional[dict]) -> dict:
         out = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-        return {"index": 0, **out, "logprobs": None, "finish_reason": finish}
+        return {"index": index, **out, "logprobs": logprobs, "finish_reason": finish}
 
-    def delta(self, text: str, finish: Optional[str] = None, first: bool = False) -> dict:
+    def delta(self, index: int, text: str, finish: Optional[str] = None, first: bool = False,
+              logprobs: Optional[dict] = None) -> dict:
         """One streamed piece; in a chat stream the first names the role and the last has an empty delta."""
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    def logprobs(self, rt: Runtime, entries: list[TokenLogprob], offset: int = 0) -> dict:
+        """OpenAI's log-probabilities of `entries`: chat's `content` list, or the completions API's
+        parallel lists (`text_offset` counts from `offset`, where the text before them ended)."""
+        if self.chat:
+            return {"content": [{**token_entry(rt, e.token, e.logprob),
+                                 "top_logprobs": [token_entry(rt, t, lp) for t, lp in e.top]} for e in entries],
+                    "refusal": None}
+        texts = [rt.token_text(e.token) for e in entries]
+        offsets = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{rt.token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
 
 
-CHAT = Endpoint(ChatCompletionRequest, True, None, "chat.completion", "chat.completion.chunk", "chatcmpl")
-COMPLETIONS = Endpoint(CompletionRequest, False, False, "text_completion", "text_completion", "cmpl")  # raw text
+def token_entry(rt: Runtime, token: int, logprob: float) -> dict:
+    return {"token": rt.token_text(token), "logprob": logprob, "bytes": list(rt.token_bytes(token))}
+
+
+CHAT = Endpoint(ChatCompletionRequest, True, None, "chat.completion", "chat.completion.chunk", "chatcmpl", "messages")
+COMPLETIONS = Endpoint(CompletionRequest, False, False, "text_completion", "text_completion", "cmpl",  # raw text
+                       "prompt")
 
 
 @dataclass
 class Completion:
-    """One checked request to a completion endpoint."""
+    """One checked request to a completion endpoint: one or more prompts, `n` choices each."""
 
     endpoint: Endpoint
     body: GenerationRequest
     adapter: list  # [(id, weight)], [] for the base
     id: str
     created: int
+    fingerprint: str  # the export's base fingerprint: OpenAI's system_fingerprint
+    grammar: Optional[str]  # what response_format asks of every answer (grammar.py)
 
     def envelope(self, obj: str, **fields) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model, **fields}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
+                "system_fingerprint": self.fingerprint, **fields}
 
     def chunk(self, choice: dict) -> str:
         return sse(self.envelope(self.endpoint.chunk_object, choices=[choice]))
+
+    def answers(self) -> list[tuple[int, object, SamplingConfig]]:
+        """(choice index, prompt, sampling) of every answer asked for: n per prompt, each n its own seed."""
+        n = self.body.choices
+        return [(p * n + i, prompt, self.body.sampling(self.grammar, choice=i))
+                for p, prompt in enumerate(self.body.prompts) for i in range(n)]
+
+    def echoed(self, rt: Runtime, prompt) -> str:
+        """What `echo` puts before a completion: the prompt's text."""
+        if not getattr(self.body, "echo", None):
+            return ""
+        return prompt if isinstance(prompt, str) else rt.detokenize(prompt)
+
+
+def response_grammar(body: GenerationRequest) -> Optional[str]:
+    """The grammar a chat request's response_format asks for (None: free text)."""
+    response_format = getattr(body, "response_format", None)
+    if response_format is None or response_format.type == "text":
+        return None
+    schema = response_format.json_schema.schema_ if response_format.type == "json_schema" else None
+    param = "response_format.json_schema.schema" if schema is not None else "response_format"
+    try:
+        return json_grammar(schema, param)
+    except OdloraError as e:
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
 
 
 def resolve_model(rt: Runtime, model: str) -> list:
@@ -141,10 +200,11 @@ def model_ids(rt: Runtime) -> list[str]:
     return ["base", *sorted(rt.adapters)]
 
 
-def usage(result: GenerationResult) -> dict:
-    completion = len(result.token_ids)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion}
+def usage(results: list[tuple[int, GenerationResult]], choices_per_prompt: int) -> dict:
+    """Token counts: each prompt once (not once per choice), every choice's completion."""
+    prompt = sum(r.prompt_tokens for index, r in results if index % choices_per_prompt == 0)
+    completion = sum(len(r.token_ids) for _, r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def sse(data) -> str:
@@ -152,13 +212,16 @@ def sse(data) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def api_error(error: BaseException) -> APIError:
+def api_error(error: BaseException, endpoint: Optional[Endpoint] = None) -> APIError:
     """What a client is told of a failure: its own APIError, the Runtime's refusal of the request
     (the prompt, the sampling, the adapter: a 400), or a bug (a 500; uvicorn logs its traceback)."""
     if isinstance(error, APIError):
         return error
+    if isinstance(error, ContextLengthExceeded):
+        return APIError(400, str(error), param=endpoint.prompt_field if endpoint else None,
+                        code="context_length_exceeded")
     if isinstance(error, OdloraError):
-        return APIError(400, str(error))
+        return APIError(400, str(error), param=error.param, code="invalid_value" if error.param else None)
     return APIError(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")
 
 
@@ -223,49 +286,81 @@ class Generations:
 class OpenAIRoutes:
     def __init__(self, rt: Runtime, generations: Generations):
         self.rt, self.generations, self.created = rt, generations, int(time.time())
+        self.fingerprint = f"odlora-{rt.manifest['base_fingerprint'][:16]}"
 
     def routes(self) -> list[Route]:
         return [Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                 Route("/v1/chat/completions", functools.partial(self.complete, endpoint=CHAT), methods=["POST"]),
                 Route("/v1/completions", functools.partial(self.complete, endpoint=COMPLETIONS), methods=["POST"])]
 
+    def model_entry(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "odlora"}
+
     async def models(self, request: Request) -> Response:
-        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "odlora"}
-                for name in model_ids(self.rt)]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [self.model_entry(name) for name in model_ids(self.rt)]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name not in model_ids(self.rt):
+            raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        return JSONResponse(self.model_entry(name))
 
     async def complete(self, request: Request, endpoint: Endpoint) -> Response:
         body = parse_body(endpoint.schema, await read_body(request))
         call = Completion(endpoint, body, resolve_model(self.rt, body.model),
-                          f"{endpoint.id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time()))
-        if body.stream:
-            return await self.stream(call)
-        result = await self.generations.run(lambda: self.generate(call))
-        choice = endpoint.choice(result.text, result.finish_reason)
-        return JSONResponse(call.envelope(endpoint.object, choices=[choice], usage=usage(result)))
+                          f"{endpoint.id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), self.fingerprint,
+                          response_grammar(body))
+        try:
+            if body.stream:
+                return await self.stream(call)
+            results = await self.generations.run(lambda: [(index, self.generate(call, prompt, sampling))
+                                                          for index, prompt, sampling in call.answers()])
+        except ContextLengthExceeded as e:
+            raise api_error(e, endpoint) from None
+        prompts = {index: prompt for index, prompt, _ in call.answers()}
+        choices = [self.choice(call, index, prompts[index], result) for index, result in results]
+        return JSONResponse(call.envelope(endpoint.object, choices=choices, usage=usage(results, body.choices)))
 
-    def generate(self, call: Completion, on_text=None) -> GenerationResult:
-        return self.rt.generate(call.body.prompt, adapter=call.adapter, sampling=call.body.sampling(),
-                                on_text=on_text, chat=call.endpoint.template)
+    def choice(self, call: Completion, index: int, prompt, result: GenerationResult) -> dict:
+        echoed = call.echoed(self.rt, prompt)
+        logprobs = None
+        if call.body.logprobs_asked is not None:
+            logprobs = call.endpoint.logprobs(self.rt, result.logprobs, offset=len(echoed))
+        return call.endpoint.choice(index, echoed + result.text, result.finish_reason, logprobs)
+
+    def generate(self, call: Completion, prompt, sampling: SamplingConfig, on_text=None,
+                 on_logprobs=None) -> GenerationResult:
+        return self.rt.generate(prompt, adapter=call.adapter, sampling=sampling, on_text=on_text,
+                                chat=call.endpoint.template, logprobs=call.body.logprobs_asked,
+                                on_logprobs=on_logprobs)
 
     async def stream(self, call: Completion) -> Response:
-        """The answer as server-sent events. The status line waits for the first piece (or the end),
-        so that an error found before it (an over-long prompt, a blend too large) is still a 4xx."""
+        """The answers as server-sent events, one after another. The status line waits for the first
+        piece (or the end), so that an error found before it (an over-long prompt, a blend too large)
+        is still a 4xx."""
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()  # ("text", str)..., then ("done", result) | ("error", exception)
+        # ("text", index, text, logprobs)..., ("done", index, result) per answer; then ("end",) | ("error", exception)
+        pieces: asyncio.Queue = asyncio.Queue()
         gone = threading.Event()
 
         def put(item) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, item)
 
-        def on_text(text: str) -> None:
-            if gone.is_set():
-                raise ClientGone
-            put(("text", text))
-
         def work() -> None:
             try:
-                put(("done", self.generate(call, on_text)))
+                for index, prompt, sampling in call.answers():
+                    handed: list = []  # the logprobs behind the next piece of text
+
+                    def on_text(text: str, index=index, handed=handed) -> None:
+                        if gone.is_set():
+                            raise ClientGone
+                        put(("text", index, text, list(handed)))
+
+                    result = self.generate(call, prompt, sampling, on_text,
+                                           lambda entries, handed=handed: handed.__setitem__(slice(None), entries))
+                    put(("done", index, result))
+                put(("end",))
             except ClientGone:
                 pass
             except Exception as e:  # told to the client, in its stream or as its status
@@ -279,28 +374,41 @@ class OpenAIRoutes:
             raise
         if first[0] == "error":
             gone.set()
-            raise first[1]
+            raise api_error(first[1], call.endpoint)
         return StreamingResponse(self.events(call, first, pieces, gone),  # SSE is UTF-8 by definition: no charset
                                  headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
 
     async def events(self, call: Completion, event: tuple, pieces: asyncio.Queue, gone: threading.Event):
-        endpoint = call.endpoint
+        endpoint, prompts = call.endpoint, {index: prompt for index, prompt, _ in call.answers()}
+        offsets: dict[int, int] = {}  # per answer: the length of its text so far (completions' text_offset)
+        results: list = []
         try:
-            if endpoint.chat:  # OpenAI's first chat chunk carries the role
-                yield call.chunk(endpoint.delta("", first=True))
-            while event[0] == "text":
-                yield call.chunk(endpoint.delta(event[1]))
+            while event[0] in ("text", "done"):
+                index = event[1]
+                if index not in offsets:  # an answer's first chunk: chat names the role, echo the prompt
+                    echoed = call.echoed(self.rt, prompts[index])
+                    offsets[index] = len(echoed)
+                    if endpoint.chat or echoed:
+                        yield call.chunk(endpoint.delta(index, echoed, first=True))
+                if event[0] == "text":
+                    _, index, text, entries = event
+                    logprobs = None
+                    if call.body.logprobs_asked is not None:
+                        logprobs = endpoint.logprobs(self.rt, entries, offsets[index])
+                    offsets[index] += len(text)
+                    yield call.chunk(endpoint.delta(index, text, logprobs=logprobs))
+                else:
+                    results.append((index, event[2]))
+                    yield call.chunk(endpoint.delta(index, "", event[2].finish_reason))
                 event = await pieces.get()
             if event[0] == "error":
-                error = api_error(event[1])
+                error = api_error(event[1], endpoint)
                 if error.status >= 500:  # a bug, after the status line: only our log can say where
                     traceback.print_exception(event[1])
                 yield sse(error.body())
                 return
-            result = event[1]
-            yield call.chunk(endpoint.delta("", result.finish_reason))
             if call.body.include_usage:
-                yield sse(call.envelope(endpoint.chunk_object, choices=[], usage=usage(result)))
+                yield sse(call.envelope(endpoint.chunk_object, choices=[], usage=usage(results, call.body.choices)))
             yield sse("[DONE]")
         finally:  # the end, or the client left (Starlette cancels the stream): stop the generation
             gone.set()
@@ -335,7 +443,11 @@ async def on_error(request: Request, error: Exception) -> Response:
 
 
 async def on_http_error(request: Request, error: HTTPException) -> Response:
-    """Starlette's own refusals (no such route, another method) in OpenAI's error JSON."""
+    """Starlette's own refusals (no such route, another method) in OpenAI's error JSON; OPTIONS on
+    a route is answered with the methods it allows (a preflight from a --cors-origin site never
+    gets here: CORSMiddleware answers it)."""
+    if request.method == "OPTIONS" and error.status_code == 405:
+        return Response(status_code=204, headers=error.headers)
     code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
     return APIError(error.status_code, f"no route {request.method} {request.url.path}", code=code,
                     headers=error.headers).response()
@@ -352,7 +464,12 @@ ERROR_HANDLERS = {APIError: on_error, OdloraError: on_error, HTTPException: on_h
 def build_app(rt: Runtime, access: Access, settings: ServerSettings, generations: Generations,
               webapp=None) -> Starlette:
     routes = OpenAIRoutes(rt, generations).routes() + (webapp.routes() if webapp is not None else [])
-    app = Starlette(routes=routes, middleware=[Middleware(Guard, access=access)], exception_handlers=ERROR_HANDLERS)
+    middleware = [Middleware(Guard, access=access)]
+    if access.cors_origins:  # outermost: a preflight carries no API key, and a refusal still needs the CORS headers
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=sorted(access.cors_origins),
+                                        allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                                        max_age=600))
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=ERROR_HANDLERS)
     app.state.settings = settings
     return app
 

@@ -161,6 +161,24 @@ def test_cli_merge_writes_a_checkpoint_transformers_loads(tiny_llama_dir, tmp_pa
     assert code == 2 and "already exists" in err
 
 
+def test_cli_merge_dtype_and_generation_config(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    adapter = random_adapter(tiny_llama_dir)
+    save_adapter(adapter, tmp_path / "ad", "tiny")
+    code, _, err = run_cli(monkeypatch, capsys, "merge", "--base", tiny_llama_dir, "--adapter", tmp_path / "ad",
+                           "--out", tmp_path / "merged", "--dtype", "bf16")
+    assert code == 0, err
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    generation = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    assert config["dtype"] == "bfloat16" and generation["eos_token_id"] == load_base(str(tiny_llama_dir)).tokenizer.eos_token_id
+    with torch.no_grad():
+        merged = transformers_model(tmp_path / "merged")(TOKENS).logits.float()
+    assert (merged - logits_with(tiny_llama_dir, adapter, TOKENS)).abs().max() <= 0.1  # bf16 weights
+
+
 def test_cli_generate_with_adapter_and_strength(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     save_adapter(random_adapter(tiny_llama_dir), tmp_path / "ad", "tiny")
     outputs = []
@@ -178,6 +196,16 @@ def test_cli_inspect_json(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     save_adapter(random_adapter(tiny_llama_dir), tmp_path / "ad", "tiny")
     code, out, err = run_cli(monkeypatch, capsys, "adapter", "inspect", tmp_path / "ad", "--json")
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["parameters"] > 0
+
+
+def test_cli_inspect_is_a_readable_table(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    adapter = random_adapter(tiny_llama_dir)
+    adapter.meta["metrics"] = {"val_loss": 1.234567890123, "steps": 12}
+    save_adapter(adapter, tmp_path / "ad", "tiny")
+    code, out, _ = run_cli(monkeypatch, capsys, "adapter", "inspect", tmp_path / "ad")
+    assert code == 0 and "{" not in out and "1.235" in out and "1.2345678" not in out
+    module_rows = [line.split() for line in out.splitlines() if line.strip().startswith("model.layers.")]
+    assert len(module_rows) == len(adapter.A) and all(len(row) == 4 for row in module_rows)
 
 
 def test_save_replaces_only_when_complete(tiny_llama_dir, tmp_path, monkeypatch):

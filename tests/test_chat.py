@@ -111,3 +111,35 @@ def test_chat_help_explains_itself():
     for words in ("/adapter ID", "/adapters", "/reset", "/quit", "a:0.7+b:0.3", "[ID=]FILE", "--max-new-tokens",
                   "oldest turns"):
         assert words in result.output, words
+
+
+class CtrlC(io.StringIO):
+    """A terminal where the user presses Ctrl-C: at the prompt once, then during the first answer's
+    second piece (Python raises KeyboardInterrupt wherever the main thread is)."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__()
+        self.lines, self.pieces, self.prompted = list(lines), 0, False
+
+    def readline(self):
+        if not self.prompted:
+            self.prompted = True
+            raise KeyboardInterrupt
+        return self.lines.pop(0) + "\n" if self.lines else ""
+
+    def write(self, text):
+        if text not in ("> ", "\n") and not text.startswith("chatting"):
+            self.pieces += 1
+            if self.pieces == 2:
+                raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(rt):
+    full = rt.generate([user(FIRST)], adapter="a", sampling=GREEDY).text
+    terminal = CtrlC([FIRST, SECOND])
+    session = run_chat(rt, terminal, terminal, GREEDY, "a")
+    stopped = session.messages[1]["content"]
+    assert stopped and full.startswith(stopped) and stopped != full and " (stopped)" in terminal.getvalue()
+    second = rt.generate([user(FIRST), assistant(stopped), user(SECOND)], adapter="a", sampling=GREEDY).text
+    assert session.messages[2:] == [user(SECOND), assistant(second)]  # the chat went on after it

@@ -40,7 +40,7 @@ def test_help_shows_the_configs_default(command, flag, config, field):
 
 def test_an_unset_flag_leaves_the_configs_default(monkeypatch, tmp_path):
     """`personalize` hands the library only what was said: the config built from no flags is the default one."""
-    import ondevice_lora.personalize as personalize_module
+    import ondevice_lora.personalization as personalize_module
 
     seen = {}
     monkeypatch.setattr(personalize_module, "dry_run", lambda cfg, data: seen.setdefault("cfg", cfg) and {})

@@ -28,7 +28,7 @@ import torch
 from ondevice_lora import atomic
 from ondevice_lora.exporters.export import export, pack
 from ondevice_lora.formats.manifest import read_manifest
-from ondevice_lora.personalize import checkpoint_dir
+from ondevice_lora.personalization import checkpoint_dir
 from ondevice_lora.runtime.adapters import read_sidecar
 from ondevice_lora.runtime.bundle import open_bundle, write_bundle
 from ondevice_lora.samples import load_examples

@@ -25,7 +25,7 @@ from ondevice_lora.evaluate import task_accuracy  # noqa: E402
 from ondevice_lora.exporters.executorch_train import lora_parameters, training_step  # noqa: E402
 from ondevice_lora.exporters.export import export, export_trainable, pack as pack_adapter  # noqa: E402
 from ondevice_lora.config import LoraConfig, PersonalizeConfig, TrainConfig  # noqa: E402
-from ondevice_lora.personalize import personalize  # noqa: E402
+from ondevice_lora.personalization import personalize  # noqa: E402
 from ondevice_lora.prompts import encode_prompt, stop_token_ids  # noqa: E402
 from ondevice_lora.samples import load_examples, sample_path  # noqa: E402
 from conftest import run_cli  # noqa: E402

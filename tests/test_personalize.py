@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from ondevice_lora.errors import OdloraError
 from ondevice_lora.config import LoraConfig, PersonalizeConfig, TrainConfig
-from ondevice_lora.personalize import checkpoint_dir, personalize
+from ondevice_lora.personalization import checkpoint_dir, personalize
 from ondevice_lora.samples import load_examples
 from ondevice_lora.train import find_cxx_compiler
 from conftest import run_cli

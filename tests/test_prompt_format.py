@@ -15,7 +15,7 @@ from ondevice_lora.adapter import load_adapter
 from ondevice_lora.errors import OdloraError
 from ondevice_lora.exporters.export import pack
 from ondevice_lora.config import LoraConfig, PersonalizeConfig, SamplingConfig, TrainConfig
-from ondevice_lora.personalize import personalize
+from ondevice_lora.personalization import personalize
 from ondevice_lora.prompts import encode_prompt
 from ondevice_lora.runtime import Runtime
 from ondevice_lora.runtime.bundle import write_bundle

@@ -12,7 +12,7 @@ from ondevice_lora.base import load_base
 from ondevice_lora.data import pack, read_examples
 from ondevice_lora.evaluate import evaluate_loss, task_accuracy
 from ondevice_lora.config import PersonalizeConfig, TrainConfig
-from ondevice_lora.personalize import personalize
+from ondevice_lora.personalization import personalize
 from ondevice_lora.prompts import stop_token_ids
 from ondevice_lora.samples import SAMPLE_TASKS, general_text_path, load_examples, sample_path
 

@@ -296,8 +296,9 @@ BAD_REQUESTS = {
     "bad strength": (dict(adapter="a", strength=float("inf")), "strength must be a finite number"),
     "bad adapter type": (dict(adapter=3), "adapter must be None, an id or a list"),
     "prompt too long": (dict(prompt="The cat looks at the river. " * 20), f"max_seq_len {MAX_SEQ}"),
-    "message without a role": (dict(prompt=[{"content": "hi"}]), "a prompt is a string or a list of"),
-    "no messages": (dict(prompt=[]), "a prompt is a string or a list of"),
+    "message without a role": (dict(prompt=[{"content": "hi"}]), "a prompt is a string, a list of"),
+    "a token id past the vocabulary": (dict(prompt=[1, 10**6]), "prompt: 1000000 is not a token id"),
+    "no messages": (dict(prompt=[]), "a prompt is a string, a list of"),
     "bad sampling": (dict(sampling=SamplingConfig(max_new_tokens=0)), "max_new_tokens: must be an integer >= 1"),
 }
 

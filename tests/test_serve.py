@@ -208,9 +208,12 @@ BAD = {
     "message content a number": ("/chat/completions", {"model": "a", "messages": [{"role": "user", "content": 1}]},
                                  400, "messages[0].content", "invalid_type"),
     "no messages": ("/chat/completions", {"model": "a", "messages": []}, 400, "messages", "invalid_value"),
-    "prompt too long": ("/completions", {"model": "a", "prompt": PROMPT * 20}, 400, None, None),
+    "prompt too long": ("/completions", {"model": "a", "prompt": PROMPT * 20}, 400, "prompt", "context_length_exceeded"),
+    "messages too long": ("/chat/completions", {"model": "a", "messages": [{"role": "user", "content": PROMPT * 20}]},
+                          400, "messages", "context_length_exceeded"),
     "bad temperature": ("/chat/completions", chat_body("a", temperature=-1), 400, "temperature", "invalid_value"),
-    "n of 2": ("/chat/completions", chat_body("a", n=2), 400, "n", "unsupported_value"),
+    "n of 200": ("/chat/completions", chat_body("a", n=200), 400, "n", "invalid_value"),
+    "tools": ("/chat/completions", chat_body("a", tools=[]), 400, "tools", "unsupported_parameter"),
     "no such route": ("/embeddings", {"model": "a"}, 404, None, "not_found"),
 }
 
@@ -349,6 +352,9 @@ BAD_SERVE_FLAGS = {
     "an allowed host with a scheme": (["--allow-host", "http://evil.example/"], "--allow-host"),
     "an allowed host with a port": (["--allow-host", "evil.example:80"], "--allow-host"),
     "a port over 65535": (["--port", "99999"], "--port"),
+    "a CORS site that is no web origin": (["--cors-origin", "ftp://app.example"], "--cors-origin"),
+    "a CORS site with a path": (["--cors-origin", "https://app.example/page"], "--cors-origin"),
+    "a CORS site with a bad port": (["--cors-origin", "https://app.example:http"], "--cors-origin"),
 }
 
 

@@ -47,7 +47,8 @@ from ..errors import OdloraError
 from ..exporters.export import pack
 from ..formats.adapter_ids import RULE as ADAPTER_ID_RULE, is_adapter_id
 from ..formats.targets import target
-from ..personalize import personalize
+from ..outputs import PACKED
+from ..personalization import personalize
 from ..samples import SAMPLE_TASKS, exact_match, load_examples, sample_path
 from ..runtime.engine import Runtime
 from ..runtime.openai_schema import APIError, Schema, parse_body
@@ -242,6 +243,23 @@ class WebApp:
         self.current: Optional[Job] = None
         self.scores: dict[str, dict] = {}  # adapter id -> exact match on its sample task
         self._lock = threading.Lock()
+        self.reloaded = self.reload_adapters()
+
+    def reload_adapters(self) -> list[str]:
+        """Serve again the adapters that earlier jobs packed under the work directory (a restart
+        keeps them); one that no longer fits this export is skipped. Returns a line for each."""
+        suffix = target(self.rt.manifest["target"]).blob_suffix
+        lines = []
+        for blob in sorted((self.work_dir / "packed").glob(f"*{suffix}")):
+            name = blob.name[: -len(suffix)]
+            if not is_adapter_id(name) or name in self.rt.adapters or not PACKED.matches(blob):
+                continue
+            try:
+                self.rt.register_adapter(name, blob)
+                lines.append(f"serving {name} again (trained by an earlier job: {blob})")
+            except OdloraError as e:
+                lines.append(f"not serving {blob}: {e}")
+        return lines
 
     def routes(self) -> list[Route]:
         """The page's routes, for the server (`server.build_app`)."""

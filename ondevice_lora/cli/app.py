@@ -11,7 +11,7 @@ from ..cli_types import click_error_line
 from ..errors import OdloraError
 
 # Library errors name a parameter (OdloraError.param); the flag that sets it is `--param-name`, but for these:
-FLAGS = {"prompt_format": "--format", "use_rslora": "--rslora", "eval_examples": "--examples", "allow_hosts": "--allow-host",
+FLAGS = {"prompt_format": "--format", "use_rslora": "--rslora", "eval_examples": "--examples", "allow_hosts": "--allow-host", "cors_origins": "--cors-origin",
          "export_dir": "--export", "adapter_dir": "ADAPTER_DIR"}
 
 

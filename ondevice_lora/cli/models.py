@@ -13,7 +13,7 @@ from .. import bounds
 from ..cli_types import EXISTING_DIR, Bounded, Utf8Text, WeightedPath
 from ..config import (BASE_QUANTS, COMPUTE_DTYPES, DEFAULT_BASE_QUANT, DEFAULT_EPOCHS, DEFAULT_TARGETS, ENGINES,
                       MAX_DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, LoraConfig, PersonalizeConfig, TrainConfig, parse_targets)
-from ..demo import DemoConfig, quick as quick_config
+from ..demo import DemoConfig, quick as quick_config, table
 from ..errors import OdloraError
 from ..exporters.executorch_delegates import DELEGATES as EXECUTORCH_DELEGATES
 from ..formats.slots import DEFAULT_MAX_RANK
@@ -35,13 +35,47 @@ def base():
 @base.command("pull")
 @click.argument("name", default=DEFAULT_BASE)
 def base_pull(name):
-    """Download and convert a registered base (the only command that uses the network).
+    """Download a base (the only command that uses the network): a registered NAME (see `base list`)
+    is fetched, checked and converted; a Hugging Face model id (OWNER/NAME) is fetched into the hub's
+    own cache, only its config, safetensors weights and tokenizer.
 
-    Prints the local directory of the converted base.
+    Prints the local directory of the base.
     """
-    from .. import registry
+    from .. import hub, registry
 
+    if name not in registry.REGISTRY and hub.is_hub_id(name):
+        click.echo(f"downloading {name} from the Hugging Face hub ...", err=True)
+        click.echo(str(hub.download(name)))
+        return
     click.echo(str(registry.pull(name, progress=lambda msg: click.echo(msg, err=True))))
+
+
+@base.command("list")
+@json_option
+def base_list(as_json):
+    """The registered bases (pulled or not) and the models in the Hugging Face cache, each with
+    whether odlora can load it (its architecture)."""
+    from .. import hub, registry
+    from ..hf_checkpoint import read_config
+    from ..models import FAMILIES
+
+    rows = [{"base": name, "kind": "registered", "pulled": registry.is_pulled(name), "hub_id": entry.hub_id,
+             "about": entry.description} for name, entry in registry.REGISTRY.items()]
+    for model in hub.cached_models():
+        try:
+            model_type = read_config(Path(model["path"])).get("model_type")
+            about = f"{model_type}, {model['bytes'] / 1e6:.0f} MB"
+            about += "" if model_type in FAMILIES else " (an architecture odlora does not load)"
+        except OdloraError as e:
+            about = f"unreadable: {e}"
+        rows.append({"base": model["id"], "kind": "hugging face cache", "pulled": True, "hub_id": model["id"],
+                     "about": about})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    cells = [["base", "kind", "pulled", "about"]] + [[r["base"], r["kind"], "yes" if r["pulled"] else "no", r["about"]]
+                                                    for r in rows]
+    click.echo("\n".join(table(cells, left=4)))
 
 
 @base.command("info")
@@ -144,7 +178,7 @@ def personalize(base, data, out, rank, alpha, dropout, use_rslora, targets, laye
                 eval_every, save_every, early_stopping, activation_checkpointing, compile_layers, threads, resume, force,
                 dry_run, as_json):
     """Train a LoRA adapter on local data against a frozen, quantised base."""
-    from ..personalize import dry_run as personalize_dry_run, format_dry_run, personalize as run
+    from ..personalization import dry_run as personalize_dry_run, format_dry_run, personalize as run
     from ..progress import TrainingProgress
 
     lora = LoraConfig(**given(rank=rank, alpha=alpha, dropout=dropout), use_rslora=use_rslora,
@@ -177,7 +211,47 @@ def personalize(base, data, out, rank, alpha, dropout, use_rslora, targets, laye
 
 @cli.group()
 def adapter():
-    """Inspect and pack adapters."""
+    """List, inspect, pack and remove adapters."""
+
+
+@adapter.command("list")
+@click.argument("folders", nargs=-1, type=click.Path(path_type=Path))
+@json_option
+def adapter_list(folders, as_json):
+    """The adapters under FOLDERS (default: the current folder), a few levels down: adapter
+    directories and packed adapters, with their base, rank, training steps, validation loss and size."""
+    from ..adapter_store import find_adapters
+
+    found = find_adapters(folders or (Path("."),))
+    if as_json:
+        click.echo(json.dumps(found))
+        return
+    if not found:
+        click.echo("no adapters found", err=True)
+        return
+    rows = [["path", "kind", "base", "rank", "steps", "val loss", "MB"]] + [
+        [a["path"], a["kind"], a["base"] or (a["base_fingerprint"] or "?")[:12], str(a["rank"] or "?"),
+         str(a["steps"] or "?"), f"{a['val_loss']:.3f}" if isinstance(a["val_loss"], (int, float)) else "?",
+         f"{a['bytes'] / 1e6:.1f}"] for a in found]
+    click.echo("\n".join(table(rows, left=3)))
+
+
+@adapter.command("rm")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--yes", "-y", is_flag=True, help="Do not ask (needed when stdin is not a terminal).")
+def adapter_rm(paths, yes):
+    """Remove adapter directories or packed adapters (blob and sidecar). Anything else at a PATH
+    is refused and left as it is; each removal is whole or not at all."""
+    from ..adapter_store import remove_adapter, removable
+
+    for path in paths:  # every path checked before any is removed
+        removable(path)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise OdloraError("removing needs --yes when stdin is not a terminal")
+        click.confirm(f"remove {', '.join(map(str, paths))}?", abort=True, err=True)
+    for path in paths:
+        click.echo(remove_adapter(path), err=True)
 
 
 @adapter.command("inspect")
@@ -192,11 +266,15 @@ def adapter_inspect(adapter_dir, as_json):
     if as_json:
         click.echo(json.dumps(info))
         return
-    per_module = info.pop("per_module")
+    per_module, metrics = info.pop("per_module"), info.pop("metrics")
+    info["targets"] = ", ".join(info["targets"])
     print_fields(info)
-    click.echo(f"\n{'module':<44} {'rank':>4} {'|dW|':>9} {'eff.rank@90%':>12}")
-    for name, m in per_module.items():
-        click.echo(f"{name:<44} {m['rank']:>4} {m['delta_norm']:>9.4f} {m['effective_rank_90']:>12}")
+    if metrics:
+        click.echo("\ntraining")
+        print_fields({key: f"{value:.4g}" if isinstance(value, float) else value for key, value in metrics.items()})
+    rows = [["module", "rank", "|dW|", "eff. rank @90%"]] + [
+        [name, str(m["rank"]), f"{m['delta_norm']:.4f}", str(m["effective_rank_90"])] for name, m in per_module.items()]
+    click.echo("\n" + "\n".join(table(rows)))
 
 
 @adapter.command("pack")
@@ -218,9 +296,12 @@ def adapter_pack(adapter_dir, export_dir, out, force, as_json):
 @click.option("--adapter", "adapters", multiple=True, required=True, metavar="DIR[:WEIGHT]", type=WeightedPath(),
               help="Adapter to merge, optionally with a strength; repeat to merge a blend.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Merged Hugging Face model directory.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="The weights' dtype on disk (the merge itself is computed in fp32).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def merge(base, adapters, out, force):
-    """Write BASE with the adapters merged into its weights (W + ΔW), as a Hugging Face checkpoint."""
+def merge(base, adapters, out, dtype, force):
+    """Write BASE with the adapters merged into its weights (W + ΔW), as a Hugging Face checkpoint
+    with the base's tokenizer, chat template and generation_config.json."""
     from ..base import load_base, resolve
     from ..merge import merge_to_dir
     from ..outputs import MODEL, check_output
@@ -228,7 +309,7 @@ def merge(base, adapters, out, force):
     check_output(out, MODEL, force, {"base": [resolve(base)], "adapter": [Path(path) for path, _ in adapters]})
     loaded = load_base(base)
     merge_to_dir(loaded, load_weighted_adapters(adapters, loaded.fingerprint), out,
-                 tuple(f"{path}:{weight:g}" for path, weight in adapters))
+                 tuple(f"{path}:{weight:g}" for path, weight in adapters), dtype)
     click.echo(str(out))
 
 

@@ -115,21 +115,27 @@ def run_cmd(export_dir, adapters, prompt, backend, chat, as_json, sampling):
 @click.option("--api-key", envvar="ODLORA_API_KEY", default=None, metavar="KEY",
               help="Require `Authorization: Bearer KEY` on every route (default: env ODLORA_API_KEY, which, unlike "
                    "the flag, other users' `ps` cannot see; none: no key). The web page: open /?key=KEY once.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="SITE",
+              help="Let pages of SITE (http(s)://host[:port], or * for any site) call this server from a browser "
+                   "and read its answers (CORS); repeatable. Off by default: other sites' requests get a 403.")
 @click.option("--work", "work_dir", default=Path("odlora-web"), show_default=True, type=click.Path(path_type=Path),
               help="Where the web demo's personalisation jobs write adapters, packed blobs and uploads.")
 @backend_option
-def serve(export_dir, adapters, host, port, allow_hosts, api_key, work_dir, backend):
+def serve(export_dir, adapters, host, port, allow_hosts, api_key, cors_origins, work_dir, backend):
     """Serve an export over HTTP with OpenAI's API, each request choosing its adapter, and a web demo.
 
     \b
-    GET  /v1/models              base and each --adapter id
+    GET  /v1/models[/{id}]       base and each --adapter id
     POST /v1/chat/completions    {"model", "messages", ...}, asked as each adapter was trained (chat template or raw)
-    POST /v1/completions         {"model", "prompt", ...}, raw text
+    POST /v1/completions         {"model", "prompt", ...}, raw text or token ids
     GET  /                       the web demo: chat with several models side by side, personalise
 
-    A request's `model` is `base`, an adapter id or a blend `a:0.7+b:0.3`; it honours max_tokens,
-    temperature, top_p, seed, stop and stream (server-sent events). Absent fields take odlora's
-    defaults (greedy, 128 tokens). Requests from another Host or Origin are refused (403). The page's
+    A request's `model` is `base`, an adapter id or a blend `a:0.7+b:0.3`; it honours OpenAI's
+    sampling fields (max_tokens, temperature, top_p, seed, stop, penalties, logit_bias, n),
+    logprobs, response_format (JSON, or JSON matching a schema, guaranteed by constrained decoding)
+    and stream (server-sent events), plus top_k; any other field is a 400 naming it. Absent fields
+    take odlora's defaults (greedy, 128 tokens). Requests from another Host or Origin are refused
+    (403; see --allow-host, --cors-origin). The page's
     personalisation jobs train on files of this machine, write under --work, and add each new
     adapter to the served models. Stop with Ctrl-C.
     """
@@ -137,10 +143,13 @@ def serve(export_dir, adapters, host, port, allow_hosts, api_key, work_dir, back
     from ..runtime.server import build_server, model_ids
     from ..web.app import WebApp
 
-    access = Access.build(host, allow_hosts, api_key)  # a bad flag fails before the export loads
+    access = Access.build(host, allow_hosts, api_key, cors_origins)  # a bad flag fails before the export loads
     rt = open_runtime(export_dir, backend)
     register_blobs(rt, adapters)
-    server = build_server(rt, host, port, webapp=WebApp(rt, work_dir), access=access, access_log=True)
+    webapp = WebApp(rt, work_dir)
+    for line in webapp.reloaded:
+        click.echo(f"odlora serve: {line}")
+    server = build_server(rt, host, port, webapp=webapp, access=access, access_log=True)
     click.echo(f"odlora serve: listening on {server.url} (models: {', '.join(model_ids(rt))})")
     click.echo(f"odlora serve: web demo on {server.root}/")
     if api_key is not None:
@@ -167,14 +176,16 @@ def chat_cmd(export_dir, adapters, backend, sampling):
       /adapter ID   answer with ID from now on (`base`: no adapter; a blend: a:0.7+b:0.3)
       /adapters     list the adapters
       /reset        forget the conversation
-      /quit         leave (so does end of input)
+      /quit         leave (so does end of input, Ctrl-D)
+    Ctrl-C stops an answer; on a terminal, lines can be edited and recalled (arrow keys, Ctrl-R).
     When the conversation outgrows the export's --max-seq-len, its oldest turns are dropped.
     """
-    from ..runtime.chat import run_chat
+    from ..runtime.chat import TerminalInput, run_chat
 
     rt = open_runtime(export_dir, backend)
     ids = register_blobs(rt, adapters)
-    run_chat(rt, sys.stdin.buffer, sys.stdout, sampling, ids[0] if ids else "base")  # bytes: run_chat decodes
+    inp = TerminalInput() if sys.stdin.isatty() else sys.stdin.buffer  # bytes: run_chat decodes them
+    run_chat(rt, inp, sys.stdout, sampling, ids[0] if ids else "base")
 
 
 @cli.command("bundle")
