@@ -6,17 +6,22 @@
     for batch in batches(packed, batch_size=4, seed=0, epoch=0):
         model(batch["input_ids"], segment_ids=batch["segment_ids"])  # loss vs batch["targets"]
 
-Accepted files (a directory means every *.txt / *.jsonl directly inside it, sorted; only regular
+Accepted files (a directory means every data file directly inside it, sorted; only regular
 files, no symlinks inside a directory, at most 64 MiB in all; see ``_data_files``):
 
 * ``.txt``: raw text, loss on every token, cut into windows of ``seq_len + 1`` tokens;
-* ``.jsonl``, one object per line, formats may be mixed:
+* rows: ``.jsonl`` (one object per line), ``.json`` (an array of objects, as alpaca_data.json
+  is), ``.csv`` (a header row names the fields) and ``.parquet`` (with pyarrow: the `data`
+  extra), the layouts of Hugging Face datasets. A row's fields, formats mixed freely:
   ``{"text": ...}`` (loss on all tokens + EOS),
   ``{"prompt": ..., "completion": ...}`` (by default one user turn and the assistant's answer
   through the base's chat template, as the runtimes will ask it; with ``prompt_format="raw"``
   the plain concatenation TRL uses; loss on the completion and what ends it),
   ``{"messages": [{"role", "content"}, ...]}`` (the base's chat template; loss on assistant
-  turns and the end-of-turn token the template puts after each).
+  turns and the end-of-turn token the template puts after each);
+  alpaca's ``{"instruction", "input", "output"}`` (a prompt/completion row: the instruction, a
+  blank line and the input when there is one) and sharegpt's ``{"conversations": [{"from":
+  "system"|"human"|"gpt", "value"}, ...]}`` (messages).
 
 A shipped sample can be named instead of a path: ``dates`` (its train split) or ``dates:test``.
 
@@ -26,6 +31,8 @@ Targets are shifted here, not in the loss: ``targets[t]`` is the token to predic
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import stat
@@ -43,7 +50,8 @@ from .samples import SAMPLE_SPLITS, SAMPLE_TASKS, sample_path
 from .user_files import check_regular, mib, read_regular_file, stat_path
 
 IGNORE = -100  # target value that carries no loss (PyTorch's cross_entropy ignore_index)
-SUFFIXES = (".txt", ".jsonl")
+SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 # All data of one run, as read into memory and tokenised at once: 64 MiB of text is some 15M
 # tokens, far more than personalisation needs (the shipped samples are 60-90 KiB).
 MAX_DATA_BYTES = 64 * 2**20
@@ -65,7 +73,7 @@ class Examples(list):
         super().__init__()
         self.files = files  # the files read
         self.dropped = 0  # examples with no loss token left after masking and truncation
-        self.kinds: Counter = Counter()  # examples per row format: "text", "prompt/completion", "messages"
+        self.kinds: Counter = Counter()  # examples per row format: "text", "prompt/completion", "alpaca", ...
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,7 @@ def read_examples(path: Path, tokenizer, seq_len: int, train_on_prompt: bool = F
     encoding = Encoding(train_on_prompt, resolve_prompt_format(prompt_format, tokenizer))
     examples = Examples(_data_files(path))
     for file in examples.files:
-        reader = _read_txt if file.suffix == ".txt" else _read_jsonl
+        reader = _read_txt if file.suffix == ".txt" else _read_rows
         for kind, seq, mask in reader(file, tokenizer, seq_len, encoding):
             examples.kinds[kind] += 1
             example = make_example(seq[: seq_len + 1], mask[: seq_len + 1])
@@ -135,7 +143,7 @@ def _data_files(path: Path) -> list[Path]:
     if not stat.S_ISDIR(st.st_mode):
         check_regular(path, st, MAX_DATA_BYTES)
         if path.suffix not in SUFFIXES:
-            raise OdloraError(f"{path}: unsupported file type {path.suffix!r}; expected .txt or .jsonl")
+            raise OdloraError(f"{path}: unsupported file type {path.suffix!r}; expected {', '.join(SUFFIXES)}")
         return [path]
     try:
         entries = sorted((e for e in os.scandir(path) if Path(e.name).suffix in SUFFIXES), key=lambda e: e.name)
@@ -153,7 +161,7 @@ def _data_files(path: Path) -> list[Path]:
         files.append(file)
         total += st.st_size
     if not files:
-        raise OdloraError(f"{path}: directory has no .txt or .jsonl files")
+        raise OdloraError(f"{path}: directory has no data files ({', '.join(SUFFIXES)})")
     if total > MAX_DATA_BYTES:
         raise OdloraError(f"{path}: its data files hold {mib(total)}, over the limit of {mib(MAX_DATA_BYTES)}")
     return files
@@ -180,32 +188,83 @@ def _read_txt(file: Path, tokenizer, seq_len: int, encoding: Encoding):
         yield "text", window, [True] * len(window)
 
 
-def _read_jsonl(file: Path, tokenizer, seq_len: int, encoding: Encoding):
-    """One (kind, tokens, mask) per non-blank line. Split on "\\n" only: JSON strings may hold U+2028."""
+def _read_rows(file: Path, tokenizer, seq_len: int, encoding: Encoding):
+    """One (kind, tokens, mask) per row of a .jsonl, .json, .csv or .parquet file."""
+    rows = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[file.suffix]
+    for where, obj in rows(file):
+        yield _encode_object(where, obj, tokenizer, encoding)
+
+
+def _jsonl_rows(file: Path):
+    """(where, object) per non-blank line. Split on "\n" only: JSON strings may hold U+2028."""
     for lineno, line in enumerate(_read_text(file).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{file}:{lineno}"
         try:
-            obj = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as e:
             raise OdloraError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        yield _encode_object(where, obj, tokenizer, encoding)
 
 
-# ---------------------------------------------------------------- one JSONL object
+def _json_rows(file: Path):
+    """(where, object) per item of a JSON array (where: its index)."""
+    try:
+        rows = json.loads(_read_text(file))
+    except json.JSONDecodeError as e:
+        raise OdloraError(f"{file}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rows, list):
+        raise OdloraError(f"{file}: expected a JSON array of rows, got {type(rows).__name__}")
+    for index, row in enumerate(rows):
+        yield f"{file}[{index}]", row
+
+
+def _csv_rows(file: Path):
+    """(where, row) per CSV record after the header (where: its line); empty cells are absent."""
+    reader = csv.DictReader(io.StringIO(_read_text(file), newline=""))
+    try:
+        for row in reader:
+            if None in row:
+                raise OdloraError(f"{file}:{reader.line_num}: more cells than the header has names")
+            yield f"{file}:{reader.line_num}", {key: value for key, value in row.items() if value != ""}
+    except csv.Error as e:
+        raise OdloraError(f"{file}:{reader.line_num}: not CSV ({e})") from None
+
+
+def _parquet_rows(file: Path):
+    """(where, row) per row of a Parquet file (where: its index), read by pyarrow."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise OdloraError(f"{file}: reading Parquet needs pyarrow: pip install 'ondevice-lora[data]'") from None
+    try:
+        rows = pq.read_table(file).to_pylist()
+    except Exception as e:  # pyarrow raises its own types for a damaged file
+        raise OdloraError(f"{file}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    for index, row in enumerate(rows):
+        yield f"{file}[{index}]", row
+
+
+# ---------------------------------------------------------------- one row
+
+
+ROW_FORMATS = {"text": ("text",), "prompt/completion": ("prompt", "completion"), "messages": ("messages",),
+               "alpaca": ("instruction", "output"), "sharegpt": ("conversations",)}
 
 
 def _encode_object(where: str, obj, tokenizer, encoding: Encoding):
-    """(kind, tokens, loss mask) for one JSONL object, whichever of the three formats it is."""
+    """(kind, tokens, loss mask) for one row, whichever of the formats it is."""
     if not isinstance(obj, dict):
         raise OdloraError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    formats = {"text": ("text",), "prompt/completion": ("prompt", "completion"), "messages": ("messages",)}
-    kinds = [kind for kind, keys in formats.items() if any(key in obj for key in keys)]
+    kinds = [kind for kind, keys in ROW_FORMATS.items() if any(key in obj for key in keys)]
     if len(kinds) != 1:
         found = f" (found {' and '.join(kinds)})" if kinds else ""
-        raise OdloraError(f'{where}: expected "text", "prompt"/"completion" or "messages"{found}')
+        raise OdloraError(f'{where}: expected "text", "prompt"/"completion", "messages", alpaca\'s '
+                          f'"instruction"/"output" or sharegpt\'s "conversations"{found}')
     kind, on_prompt = kinds[0], encoding.train_on_prompt
+    if kind in ("alpaca", "sharegpt"):
+        native = _from_alpaca(where, obj) if kind == "alpaca" else _from_sharegpt(where, obj)
+        return (kind, *_encode_object(where, native, tokenizer, encoding)[1:])
     if kind == "text":
         return (kind, *_encode_plain(tokenizer, _string(where, obj, "text"), loss_from=0))
     if kind == "prompt/completion":
@@ -219,6 +278,28 @@ def _encode_object(where: str, obj, tokenizer, encoding: Encoding):
         raise OdloraError(f'{where}: "messages" rows train through the chat template, which {raw} '
                           f'leaves out; use "prompt"/"completion" rows or drop {raw}')
     return (kind, *_encode_messages(where, obj["messages"], tokenizer, on_prompt))
+
+
+def _from_alpaca(where: str, obj: dict) -> dict:
+    """alpaca's row as a prompt/completion row: the instruction, then a blank line and the input."""
+    instruction, output = _string(where, obj, "instruction"), _string(where, obj, "output")
+    extra = _string(where, obj, "input") if obj.get("input") is not None else ""
+    return {"prompt": f"{instruction}\n\n{extra}" if extra.strip() else instruction, "completion": output}
+
+
+def _from_sharegpt(where: str, obj: dict) -> dict:
+    """sharegpt's conversation as messages: human -> user, gpt -> assistant."""
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise OdloraError(f'{where}: "conversations" must be a non-empty list')
+    messages = []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if speaker not in SHAREGPT_ROLES:
+            allowed = ", ".join(f'"{r}"' for r in SHAREGPT_ROLES)
+            raise OdloraError(f"{where}: conversations[{i}].from must be one of {allowed}, got {speaker!r}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+    return {"messages": messages}
 
 
 def _string(where: str, obj: dict, key: str) -> str:

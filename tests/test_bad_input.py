@@ -130,10 +130,10 @@ BAD = [
     ("personalize", "--engine executorch --program {missing}", ["--program", "does not exist"]),
     ("personalize", "--data {missing}", ["missing", "no such file or directory"]),
     ("personalize", "--data /dev/null", ["/dev/null", "character device", "not a regular file"]),
-    ("personalize", "--data {csv}", ["x.csv", "unsupported file type"]),
+    ("personalize", "--data {tsv}", ["x.tsv", "unsupported file type"]),
     ("personalize", "--data {linkdir}", ["pw.txt", "symlink inside a data directory"]),
     ("personalize", "--data {big}", ["big.txt", "over the limit"]),
-    ("personalize", "--data {emptydir}", ["emptydir", "no .txt or .jsonl"]),
+    ("personalize", "--data {emptydir}", ["emptydir", "no data files"]),
     ("personalize", "--data {data}/x", ["data.jsonl/x", "Not a directory"]),
     ("personalize", "--val-data /dev/zero", ["/dev/zero", "character device"]),
     ("personalize", "--data {fifo}", ["pipe.jsonl", "FIFO"], PROC),
@@ -219,7 +219,7 @@ def world(tmp_path_factory, tiny_model_factory):
     (root / "emptydir").mkdir()
     (root / "junk").mkdir()
     (root / "junk" / "x").write_text("not an adapter, export, bundle or blob")
-    (root / "x.csv").write_text("a,b\n")
+    (root / "x.tsv").write_text("a\tb\n")
     (root / "secret.txt").write_text("a file outside the data directory\n")
     (root / "linkdir").mkdir()
     (root / "linkdir" / "data.jsonl").write_bytes(data.read_bytes())
@@ -235,7 +235,7 @@ def world(tmp_path_factory, tiny_model_factory):
     import ondevice_lora.runtime  # noqa: F401
 
     return {"base": tiny_model_factory("llama"), "data": data, "dir": root / "dir", "emptydir": root / "emptydir",
-            "junk": root / "junk", "csv": root / "x.csv", "linkdir": root / "linkdir", "big": root / "big.txt",
+            "junk": root / "junk", "tsv": root / "x.tsv", "linkdir": root / "linkdir", "big": root / "big.txt",
             "fifo": root / "pipe.jsonl", "fifodir": root / "fifodir", "missing": root / "missing", "root": root}
 
 

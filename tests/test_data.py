@@ -223,8 +223,12 @@ def bad_jsonl(tmp_path, line: str, lineno: int = 3) -> Path:
 @pytest.mark.parametrize("line, message", [
     ('{"text": "ok"', "invalid JSON"),
     ('[1, 2]', "expected a JSON object"),
-    ('{"question": "x"}', 'expected "text", "prompt"/"completion" or "messages"'),
-    ('{"text": "a", "messages": []}', 'expected "text", "prompt"/"completion" or "messages"'),
+    ('{"question": "x"}', 'expected "text", "prompt"/"completion", "messages"'),
+    ('{"text": "a", "messages": []}', '(found text and messages)'),
+    ('{"instruction": "a"}', 'missing "output"'),
+    ('{"instruction": "a", "input": 3, "output": "b"}', '"input" must be a string'),
+    ('{"conversations": [{"from": "robot", "value": "a"}]}', 'conversations[0].from must be one of'),
+    ('{"conversations": []}', '"conversations" must be a non-empty list'),
     ('{"text": 3}', '"text" must be a string'),
     ('{"prompt": "a"}', 'missing "completion"'),
     ('{"prompt": "a", "completion": null}', '"completion" must be a string'),
@@ -275,12 +279,43 @@ def test_non_utf8_names_line_and_byte(tmp_path, tiny_tokenizer):
     (lambda d: d / "missing.jsonl", "no such file or directory"),
     (lambda d: (d / "e.jsonl").write_text("\n  \n") and d / "e.jsonl", "file is empty"),
     (lambda d: (d / "e.txt").write_text("") is not None and d / "e.txt", "file is empty"),
-    (lambda d: (d / "x.csv").write_text("a,b") and d / "x.csv", "unsupported file type '.csv'"),
-    (lambda d: (d / "sub").mkdir() or d / "sub", "directory has no .txt or .jsonl files"),
+    (lambda d: (d / "x.tsv").write_text("a\tb") and d / "x.tsv", "unsupported file type '.tsv'"),
+    (lambda d: (d / "sub").mkdir() or d / "sub", "directory has no data files"),
+    (lambda d: (d / "x.json").write_text('{"text": "a"}') and d / "x.json", "expected a JSON array of rows"),
+    (lambda d: (d / "x.csv").write_text('text\n"a",b\n') and d / "x.csv", "x.csv:2: more cells than the header"),
+    (lambda d: (d / "x.parquet").write_bytes(b"PAR1 not really") and d / "x.parquet", "not a readable Parquet"),
 ])
 def test_file_errors(tmp_path, tiny_tokenizer, setup, message):
     with pytest.raises(OdloraError, match=message.replace("(", r"\(").replace(".", r"\.")):
         read_examples(setup(tmp_path), tiny_tokenizer, 64)
+
+
+def test_dataset_layouts_read_as_their_native_rows(tmp_path, tiny_tokenizer):
+    """alpaca and sharegpt rows, in JSON, JSONL, CSV and Parquet, train exactly as the prompt/completion
+    and messages rows they stand for."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    alpaca = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+              {"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    native = [{"prompt": "Add the numbers.\n\n2 and 3", "completion": "5"}, {"prompt": "Say hi.", "completion": "Hi!"}]
+    sharegpt = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hello?"},
+                                   {"from": "gpt", "value": "Hello."}]}]
+    messages = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"},
+                              {"role": "assistant", "content": "Hello."}]}]
+    want = read_examples(write_jsonl(tmp_path / "native.jsonl", native + messages), tiny_tokenizer, 64)
+    (tmp_path / "rows.json").write_text(json.dumps(alpaca + sharegpt))
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        f.write("instruction,input,output\n" + "".join(f'"{r["instruction"]}","{r["input"]}","{r["output"]}"\n'
+                                                        for r in alpaca))
+    pq.write_table(pyarrow.Table.from_pylist(sharegpt), tmp_path / "rows.parquet")
+    layouts = {"json": read_examples(tmp_path / "rows.json", tiny_tokenizer, 64),
+               "jsonl": read_examples(write_jsonl(tmp_path / "rows.jsonl", alpaca + sharegpt), tiny_tokenizer, 64),
+               "csv + parquet": [*read_examples(tmp_path / "rows.csv", tiny_tokenizer, 64),
+                                 *read_examples(tmp_path / "rows.parquet", tiny_tokenizer, 64)]}
+    for name, got in layouts.items():
+        assert list(got) == list(want), name
+    assert layouts["json"].kinds == {"alpaca": 2, "sharegpt": 1}
 
 
 def test_no_trainable_tokens(tmp_path, tiny_tokenizer):

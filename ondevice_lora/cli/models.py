@@ -21,8 +21,8 @@ from ..formats.targets import DEFAULT_MAX_SEQ_LEN, TARGETS
 from ..prompts import PROMPT_FORMATS
 from ..registry import DEFAULT_BASE
 from .app import cli
-from .options import (BASE_HELP, asks_chat, base_option, chat_option, export_option, given, json_option,
-                      load_weighted_adapters, print_fields, sampling_options, setting, write_stdout)
+from .options import (BASE_HELP, asks_chat, base_option, chat_option, config_file_option, export_option, given,
+                      json_option, load_weighted_adapters, print_fields, sampling_options, setting, write_stdout)
 
 
 # -- bases ------------------------------------------------------------------------------------
@@ -121,10 +121,12 @@ def generate(base, prompt, adapters, chat, sampling):
 # -- personalisation --------------------------------------------------------------------------
 
 @cli.command()
+@config_file_option
 @base_option
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help=".txt, .jsonl ({text} | {prompt, completion} | {messages}), a directory of them, or a shipped "
-                   "sample by name (dates, contacts; dates:test for its test split).")
+              help=".txt; rows of {text} | {prompt, completion} | {messages} | alpaca's {instruction, input, output} | "
+                   "sharegpt's {conversations} as .jsonl, .json, .csv or .parquet; a directory of them; or a "
+                   "shipped sample by name (dates, contacts; dates:test for its test split).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write (PEFT format).")
 @setting("--rank", LoraConfig, type=Bounded(bounds.RANK))
 @click.option("--alpha", default=None, type=Bounded(bounds.ALPHA),

@@ -12,6 +12,7 @@ import click
 from .. import bounds
 from ..cli_types import EXISTING_DIR, Bounded, Utf8Text
 from ..config import SamplingConfig, default_of
+from ..errors import OdloraError
 from ..formats.targets import TARGETS
 from ..prompts import format_mismatch
 from ..registry import DEFAULT_BASE
@@ -25,6 +26,54 @@ def setting(flag: str, config: type, name: Optional[str] = None, help: str = "",
     default = default_of(config, name)
     shown = f"[default: {default}]" if default is not None else ""
     return click.option(flag, name, default=None, help="  ".join(part for part in (help, shown) if part), **kwargs)
+
+
+def config_file_option(f):
+    """`--config FILE`: a command's options from a TOML or YAML file, the command line overriding
+    it. Keys are the options' names without `--` (`rank`, `batch-size` or `batch_size`, `format`)."""
+    def load(ctx: click.Context, param, path: Optional[Path]):
+        if path is not None:
+            ctx.default_map = {**(ctx.default_map or {}), **read_option_file(path, ctx.command)}
+
+    return click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), is_eager=True,
+                        expose_value=False, callback=load, metavar="FILE",
+                        help="Read options from a TOML or YAML file (keys: the option names, e.g. rank = 16); "
+                             "options on the command line override it.")(f)
+
+
+def read_option_file(path: Path, command: click.Command) -> dict:
+    """{parameter name: value} from a TOML (.toml) or YAML (.yaml, .yml) file of `command`'s options."""
+    from ..user_files import read_regular_file
+
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise OdloraError(f"{path}: a config file is .toml, .yaml or .yml", param="config")
+    try:
+        values = parse_option_file(path, read_regular_file(path, 2**20).decode("utf-8"))
+    except ValueError as e:  # not UTF-8, TOML's or YAML's syntax
+        raise OdloraError(f"{path}: {' '.join(str(e).split())}", param="config") from None
+    if not isinstance(values, dict):
+        raise OdloraError(f"{path}: expected a table of option = value", param="config")
+    names = {opt.lstrip("-"): p.name for p in command.params for opt in p.opts if opt.startswith("--")}
+    out = {}
+    for key, value in values.items():
+        name = names.get(str(key).lstrip("-").replace("_", "-"))
+        if name is None or name == "config_file":
+            raise OdloraError(f"{path}: {key!r} is not an option of this command (see --help)", param="config")
+        out[name] = value
+    return out
+
+
+def parse_option_file(path: Path, text: str):
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}  # safe_load: plain data only, never objects or code
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
 
 
 def given(**values) -> dict:
