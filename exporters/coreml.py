@@ -45,7 +45,7 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -257,12 +257,18 @@ def describe(mlmodel) -> dict:
 # -- the target interface (see export.py) ---------------------------------------------------------
 
 def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, max_seq_len: int,
-                   config: Optional[dict] = None) -> dict:
+                   config: Optional[dict] = None, stage: Callable[[str], None] = lambda name: None) -> dict:
     """Write model.mlpackage into out_dir; returns the manifest's "coreml" fields (`config` is
-    not read: the package needs nothing from it)."""
+    not read: the package needs nothing from it). `stage(name)` is told as each stage starts."""
     check_quant(quant)  # before minutes of conversion
     started = time.perf_counter()
-    mlmodel = quantize(convert(trace(prepare(model, spec, max_seq_len), spec), spec), quant)
+    stage("tracing the model (torch.export)")
+    traced = trace(prepare(model, spec, max_seq_len), spec)
+    stage("converting to Core ML (coremltools)")
+    converted = convert(traced, spec)
+    stage(f"quantising the weights ({quant})")
+    mlmodel = quantize(converted, quant)
+    stage(f"writing {PACKAGE}")
     mlmodel.save(str(Path(out_dir) / PACKAGE))
     return {"coreml": {
         "package": PACKAGE,

@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -356,14 +356,16 @@ def tag_weights(ep, tag: str) -> None:
 
 
 def export_program(model: nn.Module, spec: Optional[SlotSpec], out_dir: Path, quant: str, max_seq_len: int,
-                   config: Optional[dict] = None, backend: str = "xnnpack") -> dict:
+                   config: Optional[dict] = None, backend: str = "xnnpack",
+                   stage: Callable[[str], None] = lambda name: None) -> dict:
     """Write model.pte (program) and model.ptd (weights) into out_dir; returns the manifest fields.
 
     `model` is not modified (the export works on a copy). `spec=None` exports without slots (the
     bench's comparison). `config` (the base's config.json dict), when given, supplies the BOS/EOS
     ids the ExecuTorch LLM runner reads from the program. `backend` names the delegate
     (`executorch_delegates.DELEGATES`) the graph is lowered to; a delegate that compiles the
-    weights into its own blob (all but XNNPACK) writes no model.ptd.
+    weights into its own blob (all but XNNPACK) writes no model.ptd. `stage(name)` is told as each
+    stage starts (progress.Stages).
     """
     if quant not in QUANTS:
         raise OdloraError(f"unknown ExecuTorch quantisation {quant!r} (choose from {', '.join(QUANTS)})")
@@ -371,13 +373,14 @@ def export_program(model: nn.Module, spec: Optional[SlotSpec], out_dir: Path, qu
         raise OdloraError(f"{quant} is torchao's quantisation for XNNPACK's kernels; the {backend} delegate takes "
                           "fp32 here (its own quantiser is not wired in yet)", param="quant")
     lowering_partitioner = partitioner(backend)  # before the slow part: a delegate missing here fails at once
+    stage(f"preparing the model ({quant})")
     decoder = quantize_base(prepare(model, max_seq_len), quant)
     module = PerLayerSlots(SlottedModel(decoder, spec)).eval() if spec is not None else decoder
     slots = tuple(per_layer(zero_slots(spec))) if spec is not None else ()
     chunk = min(PREFILL_CHUNK, max_seq_len)
     lowering = lower(module, {"forward": 1, "prefill": chunk}, slots, Path(out_dir),
                      metadata=runner_metadata(decoder.args, max_seq_len, chunk, config), quantised=quant != "fp32",
-                     partitioner=lowering_partitioner)
+                     partitioner=lowering_partitioner, stage=stage)
     return {"executorch": {
         "program": PROGRAM, "data": DATA if (Path(out_dir) / DATA).exists() else None,
         "methods": {"forward": 1, "prefill": chunk},
@@ -388,7 +391,7 @@ def export_program(model: nn.Module, spec: Optional[SlotSpec], out_dir: Path, qu
 
 
 def lower(module: nn.Module, methods: dict[str, int], extra_inputs: tuple, out_dir: Path, metadata: dict,
-          quantised: bool, partitioner) -> dict[str, int]:
+          quantised: bool, partitioner, stage: Callable[[str], None] = lambda name: None) -> dict[str, int]:
     """export -> graph rewrites -> edge + `partitioner` -> out_dir/model.pte + model.ptd, one method
     per (name, T) in `methods` over the same weights and KV cache; returns what the delegate took
     of each method (`lowering_report`)."""
@@ -399,13 +402,16 @@ def lower(module: nn.Module, methods: dict[str, int], extra_inputs: tuple, out_d
     programs = {}
     with torch.no_grad():
         for method, T in methods.items():
+            stage(f"tracing method {method} ({T} token{'s' if T > 1 else ''} a call)")
             example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T)) + extra_inputs
             ep = torch.export.export(module, example, strict=False)
             xnnpack_graph_rewrites(ep)
             tag_weights(ep, tag)
             programs[method] = ep
+    stage("lowering to the delegate")
     edge = to_edge_transform_and_lower(programs, partitioner=[partitioner], constant_methods=metadata)
     reports = {method: lowering_report(edge.exported_program(method).graph_module) for method in programs}
+    stage("planning memory and emitting the program")
     program = edge.to_executorch(ExecutorchBackendConfig(
         # Weights outside the delegate go to the .ptd too; constants the compiler folded (masks,
         # per method and shape, under one name in every method) stay in the program.
@@ -416,6 +422,7 @@ def lower(module: nn.Module, methods: dict[str, int], extra_inputs: tuple, out_d
         run_reinplace_pass=True,  # the cache write in place, not a copy of the cache per call
         do_quant_fusion_and_const_prop=quantised,  # dequantise + embedding -> a quantised embedding op
     ))
+    stage(f"writing {PROGRAM}")
     with open(out_dir / PROGRAM, "wb") as f:
         program.write_to_file(f)
     program.write_tensor_data_to_file(str(out_dir))

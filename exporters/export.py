@@ -35,6 +35,7 @@ from ..formats.targets import DEFAULT_MAX_SEQ_LEN, TRAINING_TARGET, target as fi
 from ..models import family_of
 from ..models.slots import slot_tensors, spec_for_model
 from ..outputs import EXPORT, PACKED, check_output, staged_output, staged_packed
+from ..progress import Stages
 from ..registry import odlora_home
 
 def exporter(target: str):
@@ -78,9 +79,14 @@ def export(base_spec: Optional[str], target: str, out: Path, quant: Optional[str
     with staged_output(out, EXPORT) as tmp:
         lowered = f", {options['backend']}" if "backend" in options else ""
         say(f"exporting {base.spec} to {target} ({quant}{lowered}, slots r<={max_rank} on {','.join(spec.targets)}) ...")
-        target_fields = module.export_program(base.model, spec, tmp, quant, max_seq_len, base.config, **options)
-        return write_manifest(tmp, base, target, quant, started, {"max_seq_len": max_seq_len, "slots": spec.to_dict(),
-                                                                   **target_fields})
+        stages = Stages(say)
+        target_fields = module.export_program(base.model, spec, tmp, quant, max_seq_len, base.config, **options,
+                                              stage=stages.start)
+        stages.start("writing manifest.json (each file's sha256)")
+        manifest = write_manifest(tmp, base, target, quant, started, {"max_seq_len": max_seq_len,
+                                                                      "slots": spec.to_dict(), **target_fields})
+        stages.done()
+        return manifest
 
 
 def export_trainable(base, out: Path, lora, batch_size: int, seq_len: int, force: bool = False, say=print,

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -183,11 +183,12 @@ def example_slot_inputs(graph: CacheIOModel, spec: SlotSpec) -> tuple[list[torch
 # -- export ------------------------------------------------------------------------------------
 
 def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, max_seq_len: int,
-                   config: Optional[dict] = None) -> dict:
+                   config: Optional[dict] = None, stage: Callable[[str], None] = lambda name: None) -> dict:
     """Write model.onnx + model.onnx.data into out_dir; returns the manifest's "onnx" fields.
 
     `model` is changed in place (slots and IO caches replace its linears and KV caches). `config`
-    is not read: the graph needs nothing from it that the model does not hold.
+    is not read: the graph needs nothing from it that the model does not hold. `stage(name)` is
+    told as each stage starts (progress.Stages).
     """
     import onnx
 
@@ -205,7 +206,9 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
     inputs = ["tokens", "input_pos", *cache_names(a.n_layers, "past"), *slot_input_names(spec)]
     outputs = ["logits", *cache_names(a.n_layers, "present")]
     with torch.no_grad(), quiet_toolchain():
+        stage("tracing the model (torch.export)")
         program = torch.export.export(graph, example, dynamic_shapes=dynamic, strict=False)
+        stage("converting to ONNX")
         onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=inputs, output_names=outputs,
                                          opset_version=OPSET, optimize=False, verbose=False,
                                          custom_translation_table={**onnx_attention.translations(),
@@ -215,13 +218,16 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
     del onnx_program, program
     for node in proto.graph.node:  # stack traces and module paths: bytes, and this machine's file paths
         del node.metadata_props[:]
+    stage(f"quantising the weights ({quant})")
     quantization = quantize_weights(proto, quant)
+    stage("fusing attention, norms and adds")
     pack_qkv_into_attention(proto)
     fold_residual_norms(proto)
     sum_add_chains(proto)
     add_empty_slot_defaults(proto)
     name_rank_dims(proto)
     out_dir = Path(out_dir)
+    stage("writing model.onnx")
     onnx.save_model(proto, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     for name in (MODEL_FILE, DATA_FILE):

@@ -363,7 +363,9 @@ class WebApp:
     def personalize_config(self, spec: JobSpec) -> PersonalizeConfig:
         """`odlora personalize`'s defaults, on the export's base, with LoRA on the export's slotted linears."""
         lora = LoraConfig(rank=spec.rank, targets=tuple(self.rt.manifest["slots"]["targets"]))
-        training = TrainConfig(steps=spec.steps, eval_every=max(1, spec.steps // 10), save_every=0)
+        # About ten validations for the page's chart, never more often than every 5 steps: each one
+        # scores the whole validation split, which in a short job would take longer than the training.
+        training = TrainConfig(steps=spec.steps, eval_every=max(5, spec.steps // 10), save_every=0)
         return PersonalizeConfig(base=self.rt.manifest["base"], lora=lora, training=training)
 
     def score(self, task: str, adapter: str, n: int) -> dict:
