@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import math
 import socket
@@ -129,7 +130,7 @@ class Endpoint:
                                  "top_logprobs": [token_entry(rt, t, lp) for t, lp in e.top]} for e in entries],
                     "refusal": None}
         texts = [rt.token_text(e.token) for e in entries]
-        offsets = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        offsets = list(itertools.accumulate((len(t) for t in texts), initial=offset))[:-1]
         return {"tokens": texts, "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{rt.token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
 

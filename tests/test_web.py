@@ -80,7 +80,7 @@ def wait_job(root: str, job_id: str) -> dict:
     deadline = time.time() + JOB_TIMEOUT
     while time.time() < deadline:
         job = json.loads(request(f"{root}/odlora/jobs/{job_id}")[2])
-        if job["state"] in ("done", "failed"):
+        if job["state"] in ("done", "failed", "cancelled"):
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} still {job['state']} after {JOB_TIMEOUT} s")
@@ -164,7 +164,7 @@ def test_a_job_on_a_shipped_sample_is_served_and_scored(served):
     assert status == 409 and error["error"]["code"] == "job_running"  # one job at a time
     job = wait_job(root, job["id"])
     assert job["state"] == "done", job["error"]
-    assert [s for s, _ in job["loss"]] == [1, 2] and [s for s, _ in job["val"]] == [0, 1, 2]
+    assert [s for s, _ in job["loss"]] == [1, 2] and [s for s, _ in job["val"]] == [0, 2]  # before, and at the end
     adapter = job["adapter"]
     assert adapter["id"] == "dates-1" and adapter["rank"] == 4 and adapter["size"] > 0
     assert adapter["val_loss"] == job["val"][-1][1]
@@ -191,6 +191,53 @@ def test_a_job_that_fails_says_why(served, tmp_path):
     assert status == 202
     job = wait_job(served[1], job["id"])
     assert job["state"] == "failed" and "bad.jsonl" in job["error"]
+
+
+def test_a_job_can_be_cancelled_and_its_name_used_again(served):
+    rt, root = served
+    status, job = post_job(root, {"name": "long", "sample": "dates", "steps": 2000, "rank": 2, "eval_examples": 0})
+    assert status == 202
+    status, _, _ = request(f"{root}/odlora/jobs/{job['id']}/cancel", {})
+    assert status == 202
+    job = wait_job(root, job["id"])
+    assert job["state"] == "cancelled" and job["step"] < 2000 and "long" not in rt.adapters
+    status, again = post_job(root, {"name": "long", "sample": "dates", "steps": 1, "rank": 2, "eval_examples": 0})
+    assert status == 202 and wait_job(root, again["id"])["state"] == "done"
+
+
+def delete(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_deleting_an_adapter_removes_only_what_the_page_made(tiny_export, tmp_path):
+    from ondevice_lora.atomic import sidecar_of
+
+    export_dir, blobs = tiny_export
+    given = tmp_path / "given.onnx_adapter"  # an adapter the user gave `serve`: never deleted
+    for source, target in ((blobs["a"], given), (sidecar_of(blobs["a"]), sidecar_of(given))):
+        shutil.copy(source, target)
+    work = tmp_path / "work"
+    (work / "packed").mkdir(parents=True)
+    made = work / "packed" / "made.onnx_adapter"  # as a job of the page leaves it
+    for source, target in ((blobs["b"], made), (sidecar_of(blobs["b"]), sidecar_of(made))):
+        shutil.copy(source, target)
+    rt = open_runtime(tiny_export)
+    rt.register_adapter("given", given)
+    server = build_server(rt, "127.0.0.1", 0, webapp=WebApp(rt, work))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert delete(server.root + "/odlora/adapters/made") == (200, {"id": "made", "removed": [str(made)]})
+        assert delete(server.root + "/odlora/adapters/given") == (200, {"id": "given", "removed": []})
+        assert delete(server.root + "/odlora/adapters/given")[0] == 404
+        assert sorted(rt.adapters) == ["a", "b"] and given.is_file() and not made.exists()
+        assert not sidecar_of(made).exists() and sidecar_of(given).is_file()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -- the page in headless Chromium -----------------------------------------------------------------------
@@ -281,6 +328,7 @@ def test_browser_chats_with_two_adapters_and_personalises(browser, served, data_
     want = {name: answer(rt, MESSAGES, name) for name in ("a", "b")}
     assert want["a"] != want["b"], "the two adapters must answer differently"
     assert page.send(text, answers=2) == [[("a", want["a"])], [("b", want["b"])]]
+    assert all("tokens/s" in page.text(stats) for stats in page.find_all(".msg.assistant .stats"))
 
     # the next message in the first column goes to another adapter, in the same conversation
     page.pick(page.find("select.model", columns[0]), "b")
@@ -307,6 +355,8 @@ def test_browser_chats_with_two_adapters_and_personalises(browser, served, data_
     row = {cell.get_attribute("data-field"): cell.text for cell in page.find_all('tr[data-adapter="mine"] td')}
     assert row["rank"] == "4" and row["size"].endswith("kB") and "→" in row["val"], row
     assert "mine is served" in page.find("#job-result").text
+    assert [page.text(t) for t in page.find_all("#loss-chart text.title")] == ["step", "loss"]
+    assert len(page.find_all("#loss-chart text.tick")) == 6
     page.screenshot("personalise.png")
 
     # the new adapter answers in a column like any other, in a fresh conversation
@@ -314,6 +364,32 @@ def test_browser_chats_with_two_adapters_and_personalises(browser, served, data_
         page.find(".clear", column).click()
     page.pick(page.find("select.model", columns[1]), "mine")
     assert page.send(text, answers=2) == [[("b", want["b"])], [("mine", answer(rt, MESSAGES, "mine"))]]
+
+    # the page at a phone's width and a wide screen: nothing wider than the window
+    for width in (400, 1280):
+        browser.set_window_size(width, 900)
+        page.wait(lambda d: d.execute_script("return window.innerWidth") <= width)
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), width
+        page.screenshot(f"page-{width}px.png")
+    browser.set_window_size(1400, 1000)
+
+    # deleting the page's adapter: asked first, then gone from the table and the models
+    page.find('tr[data-adapter="mine"] button.delete').click()
+    browser.switch_to.alert.accept()
+    page.wait(lambda d: not page.find_all('tr[data-adapter="mine"]'))
+    assert "mine" not in rt.adapters
+
+
+def test_answers_render_code_fences_as_code_and_markup_as_text(browser, served):
+    page = Page(browser, Path("."))
+    browser.get(served[1] + "/")
+    page.wait(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
+    rendered = browser.execute_script("""
+        const node = document.createElement("div");
+        renderAnswer(node, 'Run:\\n```python\\nprint(1)\\n```\\n<img src=x onerror="window.hit=1">');
+        return [node.querySelectorAll("pre.code code").length, node.querySelector("code").textContent,
+                node.querySelectorAll("img").length, node.textContent];""")
+    assert rendered[:3] == [1, "print(1)\n", 0] and rendered[3].endswith('<img src=x onerror="window.hit=1">')
 
 
 def test_browser_gets_in_with_the_api_key_once(browser, tiny_export, tmp_path):

@@ -9,6 +9,9 @@ adapters side by side, and personalisation jobs that add adapters to the running
     POST /odlora/jobs       start a personalisation: {"name", "steps", "rank", "eval_examples", and one of
                             "sample": TASK | "path": FILE | "upload": {"filename", "text"}}; 202 with the job
     GET  /odlora/jobs/ID    its progress: state, step/total, loss and validation-loss curves, tokens/s, result
+    POST /odlora/jobs/ID/cancel     stop it at its next step (nothing is written)
+    DELETE /odlora/adapters/ID      stop serving an adapter; one a job of this page trained is also
+                                    deleted from the work directory (one given to `serve` stays on disk)
 
 The page chats through `/v1/chat/completions`, naming `base`, an adapter or a blend as `model`.
 A job runs `personalize` (the training loop of `odlora personalize`) in a thread, packs the adapter
@@ -16,7 +19,7 @@ for the served export and registers it with the Runtime under its name, so that 
 the next request. When the data is a shipped sample's train split, it also scores exact match on
 that task's test split, base and adapter. One job runs at a time (another is a 409).
 
-Data comes from the server's own disk: a shipped sample, a `.txt` / `.jsonl` file (a regular file,
+Data comes from the server's own disk: a shipped sample, a `.txt` / `.jsonl` / `.json` / `.csv` file (a regular file,
 read, never run) or the text of an uploaded file, saved under the work directory. The server's
 `access.Guard` has checked every request's Host, Origin and API key before these routes see it; a
 job must also be sent as JSON, which a plain HTML form cannot do.
@@ -41,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..adapter_store import remove_adapter
 from ..config import MIN_DEFAULT_STEPS, LoraConfig, PersonalizeConfig, TrainConfig, default_of
 from ..demo import task_answers
 from ..errors import OdloraError
@@ -60,11 +64,11 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 # The page loads nothing from elsewhere, and the browser holds it to that.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-DATA_SUFFIXES = (".txt", ".jsonl")
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")  # what data.py reads that a text upload can carry
 MAX_DATA_BYTES = 64 * 2**20
 MAX_STEPS = 2000
 MAX_EVAL_EXAMPLES = 100
-FINISHED = ("done", "failed")
+FINISHED = ("done", "failed", "cancelled")
 
 
 # -- the page ----------------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ class Job:
 
     id: str
     spec: JobSpec
-    state: str = "training"  # training -> packing -> scoring (a sample task) -> done | failed
+    state: str = "training"  # training -> packing -> scoring (a sample task) -> done | failed | cancelled
     step: int = 0
     loss: list = dataclass_field(default_factory=list)  # [step, training loss] per step
     val: list = dataclass_field(default_factory=list)  # [step, validation loss] per evaluation
@@ -146,10 +150,13 @@ class Job:
     error: Optional[str] = None
     started: float = dataclass_field(default_factory=time.time)
     seconds: Optional[float] = None
+    cancel_asked: bool = False
     _lock: threading.Lock = dataclass_field(default_factory=threading.Lock, repr=False)
 
     def record(self, record: dict) -> None:
-        """A training step or a validation, from `personalize`."""
+        """A training step or a validation, from `personalize`; raises JobCancelled once asked to."""
+        if self.cancel_asked:
+            raise JobCancelled
         with self._lock:
             if record["event"] == "step":
                 self.step, self.tokens_per_s = record["step"], record["tokens_per_s"]
@@ -174,6 +181,10 @@ class Job:
                     "tokens_per_s": self.tokens_per_s, "task": self.spec.task, "data": str(self.spec.data),
                     "messages": list(self.messages), "adapter": self.adapter, "error": self.error,
                     "seconds": self.seconds if self.seconds is not None else time.time() - self.started}
+
+
+class JobCancelled(Exception):
+    """Raised into a job's training at its next step once the page asks to cancel it."""
 
 
 def read_job(body: JobRequest, rt: Runtime) -> JobSpec:
@@ -204,7 +215,7 @@ def read_job(body: JobRequest, rt: Runtime) -> JobSpec:
 
 
 def data_file(path: str) -> Path:
-    """A training file on this machine: a regular .txt or .jsonl file of sane size (never a
+    """A training file on this machine: a regular data file (DATA_SUFFIXES) of sane size (never a
     directory, device or pipe)."""
     try:
         resolved = Path(path).expanduser().resolve()
@@ -267,7 +278,9 @@ class WebApp:
                 Route("/app/{name}", self.page, methods=["GET"]),
                 Route("/odlora/state", self.get_state, methods=["GET"]),
                 Route("/odlora/jobs", self.post_job, methods=["POST"]),
-                Route("/odlora/jobs/{job_id}", self.get_job, methods=["GET"])]
+                Route("/odlora/jobs/{job_id}", self.get_job, methods=["GET"]),
+                Route("/odlora/jobs/{job_id}/cancel", self.cancel_job, methods=["POST"]),
+                Route("/odlora/adapters/{adapter_id}", self.delete_adapter, methods=["DELETE"])]
 
     async def page(self, request: Request) -> Response:
         page = static_file(request.url.path.rstrip("/"))
@@ -281,6 +294,32 @@ class WebApp:
 
     async def get_job(self, request: Request) -> Response:
         return FiniteJSONResponse(self.job(request.path_params["job_id"]).to_dict())
+
+    async def cancel_job(self, request: Request) -> Response:
+        job = self.job(request.path_params["job_id"])
+        job.cancel_asked = job.state not in FINISHED
+        return FiniteJSONResponse(job.to_dict(), status_code=202)
+
+    async def delete_adapter(self, request: Request) -> Response:
+        return FiniteJSONResponse(await run_in_threadpool(self.delete, request.path_params["adapter_id"]))
+
+    def delete(self, adapter_id: str) -> dict:
+        """Stop serving `adapter_id`; delete its files when a job of this page made them."""
+        with self._lock:
+            if self.current is not None and self.current.state not in FINISHED and self.current.spec.name == adapter_id:
+                raise APIError(409, f"job {self.current.id} is still making {adapter_id!r}: cancel it first",
+                               code="job_running")
+            if adapter_id not in self.rt.adapters:
+                raise APIError(404, f"no adapter {adapter_id!r} is served", code="not_found")
+            blob = self.rt.adapters[adapter_id].path
+            self.rt.unregister_adapter(adapter_id)
+            self.scores.pop(adapter_id, None)
+            ours = [p for p in self.job_outputs(adapter_id) if os.path.lexists(p)]
+            if blob.resolve() not in {p.resolve() for p in ours}:
+                return {"id": adapter_id, "removed": []}  # given to `serve`: the user's file stays
+            for path in ours:
+                remove_adapter(path)
+            return {"id": adapter_id, "removed": [str(p) for p in ours]}
 
     async def post_job(self, request: Request) -> Response:
         check_json(request)
@@ -354,6 +393,8 @@ class WebApp:
                 job.move_to("scoring")
                 self.scores[spec.name] = self.score(spec.task, spec.name, spec.eval_examples)
             job.move_to("done", adapter=self.adapter_facts(self.rt.adapters[spec.name]))
+        except JobCancelled:
+            job.move_to("cancelled")
         except OdloraError as e:
             job.move_to("failed", error=str(e))
         except Exception as e:  # a bug: say so on the page and in the server's log
