@@ -20,12 +20,13 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
-from .atomic import sidecar_of
+from .atomic import kill_point, sidecar_of
 from .errors import OdloraError
 from .outputs import ADAPTER, PACKED
 
 MAX_DEPTH = 4  # how far below each folder `find_adapters` looks
 SKIPPED = {".git", ".venv", "node_modules", "__pycache__"}
+REMOVING = ".odlora-rm-"  # what a removal renames an adapter to before it deletes it
 
 
 def find_adapters(roots: Iterable[Path], max_depth: int = MAX_DEPTH) -> list[dict]:
@@ -41,6 +42,8 @@ def find_adapters(roots: Iterable[Path], max_depth: int = MAX_DEPTH) -> list[dic
 
 
 def _walk(path: Path, depth: int):
+    if path.name.startswith(REMOVING):  # what a killed removal left: no adapter any more
+        return
     if ADAPTER.matches(path) or PACKED.matches(path):
         yield path
         return
@@ -101,17 +104,21 @@ def remove_adapter(path: Path) -> str:
     """Delete the adapter directory or packed adapter (blob and sidecar) at `path`; returns what
     was removed, for the command's line."""
     if removable(path) is ADAPTER:
-        shutil.rmtree(_renamed_away(path))
+        away = _renamed_away(path)
+        kill_point("removing")
+        shutil.rmtree(away)
         return f"removed the adapter directory {path}"
     sidecar = sidecar_of(path)
     gone_sidecar = _renamed_away(sidecar)  # first: a blob without its sidecar is no packed adapter any more
-    os.remove(_renamed_away(path))
+    away = _renamed_away(path)
+    kill_point("removing")
+    os.remove(away)
     os.remove(gone_sidecar)
     return f"removed the packed adapter {path} and {sidecar.name}"
 
 
 def _renamed_away(path: Path) -> Path:
     """`path` moved, in one rename, to a hidden name beside it."""
-    away = path.with_name(f".odlora-rm-{path.name}-{uuid.uuid4().hex[:8]}")
+    away = path.with_name(f"{REMOVING}{path.name}-{uuid.uuid4().hex[:8]}")
     os.rename(path, away)
     return away

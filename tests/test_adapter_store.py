@@ -53,6 +53,27 @@ def test_rm_removes_adapters_whole_and_nothing_else(shelf, monkeypatch, capsys):
     assert sorted(p.name for p in shelf.rglob("*")) == ["adapters", "notes.txt", "packed"]
 
 
+@pytest.mark.parametrize("which", ["adapters/a", "packed/b.onnx_adapter"])
+def test_a_removal_killed_midway_leaves_no_half_adapter(shelf, which):
+    """kill -9 after the rename, before the delete: the adapter is gone from its name, whole or not at
+    all; the hidden leftover is no adapter to `list`, and the user's other files are untouched."""
+    import os
+    import subprocess
+    import sys
+
+    from ondevice_lora.atomic import KILL_ENV
+
+    env = {**os.environ, KILL_ENV: "removing:1"}
+    killed = subprocess.run([sys.executable, "-m", "ondevice_lora", "adapter", "rm", "-y", str(shelf / which)],
+                            env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert not (shelf / which).exists() and (shelf / "notes.txt").read_text() == "mine"
+    from ondevice_lora.adapter_store import find_adapters
+
+    assert [a["path"] for a in find_adapters([shelf])] == [str(shelf / p) for p in ("adapters/a", "packed/b.onnx_adapter")
+                                                           if p != which]
+
+
 def test_the_web_pages_adapters_are_served_after_a_restart(shelf, tiny_export):
     from ondevice_lora.runtime.openai_schema import APIError
     from ondevice_lora.web.app import JobSpec, WebApp
