@@ -163,11 +163,17 @@ class Completion:
     def chunk(self, choice: dict) -> str:
         return sse(self.envelope(self.endpoint.chunk_object, choices=[choice]))
 
+    @functools.cached_property
     def answers(self) -> list[tuple[int, object, SamplingConfig]]:
         """(choice index, prompt, sampling) of every answer asked for: n per prompt, each n its own seed."""
         n = self.body.choices
         return [(p * n + i, prompt, self.body.sampling(self.grammar, choice=i))
                 for p, prompt in enumerate(self.body.prompts) for i in range(n)]
+
+    @functools.cached_property
+    def prompts(self) -> dict:
+        """choice index -> its prompt"""
+        return {index: prompt for index, prompt, _ in self.answers}
 
     def echoed(self, rt: Runtime, prompt) -> str:
         """What `echo` puts before a completion: the prompt's text."""
@@ -316,11 +322,10 @@ class OpenAIRoutes:
             if body.stream:
                 return await self.stream(call)
             results = await self.generations.run(lambda: [(index, self.generate(call, prompt, sampling))
-                                                          for index, prompt, sampling in call.answers()])
+                                                          for index, prompt, sampling in call.answers])
         except ContextLengthExceeded as e:
             raise api_error(e, endpoint) from None
-        prompts = {index: prompt for index, prompt, _ in call.answers()}
-        choices = [self.choice(call, index, prompts[index], result) for index, result in results]
+        choices = [self.choice(call, index, call.prompts[index], result) for index, result in results]
         return JSONResponse(call.envelope(endpoint.object, choices=choices, usage=usage(results, body.choices)))
 
     def choice(self, call: Completion, index: int, prompt, result: GenerationResult) -> dict:
@@ -350,7 +355,7 @@ class OpenAIRoutes:
 
         def work() -> None:
             try:
-                for index, prompt, sampling in call.answers():
+                for index, prompt, sampling in call.answers:
                     handed: list = []  # the logprobs behind the next piece of text
 
                     def on_text(text: str, index=index, handed=handed) -> None:
@@ -380,14 +385,14 @@ class OpenAIRoutes:
                                  headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
 
     async def events(self, call: Completion, event: tuple, pieces: asyncio.Queue, gone: threading.Event):
-        endpoint, prompts = call.endpoint, {index: prompt for index, prompt, _ in call.answers()}
+        endpoint = call.endpoint
         offsets: dict[int, int] = {}  # per answer: the length of its text so far (completions' text_offset)
         results: list = []
         try:
             while event[0] in ("text", "done"):
                 index = event[1]
                 if index not in offsets:  # an answer's first chunk: chat names the role, echo the prompt
-                    echoed = call.echoed(self.rt, prompts[index])
+                    echoed = call.echoed(self.rt, call.prompts[index])
                     offsets[index] = len(echoed)
                     if endpoint.chat or echoed:
                         yield call.chunk(endpoint.delta(index, echoed, first=True))
