@@ -20,21 +20,56 @@ from .errors import OdloraError
 from .grammar import GrammarState
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator]) -> int:
-    """Pick the next token id from logits (vocab,)."""
+def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: Optional[np.random.Generator]) -> int:
+    """Pick the next token id from logits (vocab,): greedy, or temperature, top-k and top-p.
+
+    In numpy, on one thread: torch would spread each 49k-wide op over its thread pool, which waits
+    for the cores an inference session's threads still spin on after a step (about 2 ms an op).
+    """
     if cfg.temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k:
-        kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    ids = np.arange(logits.size)
+    if cfg.top_k and cfg.top_k < logits.size:
+        ids = np.argpartition(logits, logits.size - cfg.top_k)[logits.size - cfg.top_k:]
+    scaled = logits[ids].astype(np.float64) / cfg.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
     if cfg.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest set whose mass reaches top_p (the top token always stays).
-        drop = sorted_probs.cumsum(0) - sorted_probs >= cfg.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
+        kept = nucleus(probs, cfg.top_p)
+        ids, probs = ids[kept], probs[kept]
+    cumulative = np.cumsum(probs)
+    u = (rng or np.random.default_rng()).random() * cumulative[-1]
+    return int(ids[min(np.searchsorted(cumulative, u, side="right"), ids.size - 1)])
+
+
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the smallest set of likeliest `probs` whose mass reaches `top_p` (the top one
+    always stays; ties go by index), without sorting the vocabulary (a 49k sort costs ~2 ms).
+
+    Thresholds lo < hi bracket the cut: every token >= hi is in (the likelier tokens hold less than
+    top_p), every token < lo out (the tokens >= lo hold top_p). hi starts at the top probability,
+    lo halves until it holds the mass; then bisection narrows the band between them until it is
+    small (or flat) enough to sort.
+    """
+    total, hi = probs.sum(), np.nextafter(probs.max(), np.inf)
+    lo = hi / 2
+    while (held := probs[probs >= lo].sum()) < top_p and held < total:
+        hi, lo = lo, lo / 2
+    sure = [np.flatnonzero(probs >= hi)]
+    sure_mass = probs[sure[0]].sum()
+    band = np.flatnonzero((probs >= lo) & (probs < hi))
+    while band.size > 256 and probs[band].min() < probs[band].max():
+        mid = (lo + hi) / 2
+        upper = band[probs[band] >= mid]
+        if sure_mass + probs[upper].sum() >= top_p:
+            lo, band = mid, upper
+        else:
+            hi, band = mid, band[probs[band] < mid]
+            sure.append(upper)
+            sure_mass += probs[upper].sum()
+    band = band[np.argsort(-probs[band], kind="stable")]
+    before = sure_mass + np.cumsum(probs[band]) - probs[band]  # mass of the likelier tokens
+    return np.concatenate((*sure, band[before < top_p]))
 
 
 @dataclass
@@ -52,30 +87,31 @@ class TokenChooser:
     token was said (the penalties), where the answer stands in its grammar, and each token's
     log-probability when `logprobs` (the number of alternatives to keep) is set."""
 
-    def __init__(self, cfg: SamplingConfig, generator: Optional[torch.Generator] = None,
+    def __init__(self, cfg: SamplingConfig, rng: Optional[np.random.Generator] = None,
                  grammar: Optional[GrammarState] = None, logprobs: Optional[int] = None):
-        self.cfg, self.generator, self.grammar, self.logprobs = cfg, generator, grammar, logprobs
+        self.cfg, self.rng, self.grammar, self.logprobs = cfg, rng, grammar, logprobs
         self.counts: dict[int, int] = {}
         self.record: list[TokenLogprob] = []
 
     @classmethod
     def for_answer(cls, cfg: SamplingConfig, tokenizer=None, stop_ids: frozenset = frozenset(),
                    logprobs: Optional[int] = None) -> "TokenChooser":
-        """A chooser with its seeded generator and, when `cfg.grammar` is set, the grammar's state
+        """A chooser with its seeded random generator and, when `cfg.grammar` is set, the grammar's state
         (which needs the tokenizer and the end tokens)."""
         cfg.validate()
-        generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        rng = np.random.default_rng(cfg.seed) if cfg.seed is not None else None
         grammar = None
         if cfg.grammar is not None:
             if tokenizer is None:
                 raise OdloraError("a grammar needs the tokenizer", param="grammar")
             grammar = GrammarState(tokenizer, cfg.grammar, frozenset(stop_ids))
-        return cls(cfg, generator, grammar, logprobs)
+        return cls(cfg, rng, grammar, logprobs)
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token after `logits` (vocab,)."""
-        logits = logits.float().reshape(-1)
-        token = sample_next(self.adjusted(logits), self.cfg, self.generator)
+    def choose(self, logits) -> int:
+        """The next token after `logits` (vocab,), a torch tensor or a numpy array."""
+        logits = (logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)).reshape(-1)
+        logits = logits.astype(np.float32, copy=False)
+        token = sample_next(self.adjusted(logits), self.cfg, self.rng)
         if self.logprobs is not None:
             self.record.append(token_logprob(logits, token, self.logprobs))
         self.counts[token] = self.counts.get(token, 0) + 1
@@ -83,14 +119,12 @@ class TokenChooser:
             self.grammar.accept(token)
         return token
 
-    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+    def adjusted(self, logits: np.ndarray) -> np.ndarray:
         cfg = self.cfg
         penalised = self.counts and (cfg.presence_penalty or cfg.frequency_penalty)
         if not (penalised or cfg.logit_bias or self.grammar is not None):
             return logits
-        # In numpy, one thread: torch would spread a 49k-wide op over its thread pool, which waits
-        # for the cores an inference session's threads still spin on after a step (2 ms a token).
-        values = logits.numpy().copy()
+        values = logits.copy()
         if penalised:  # OpenAI's formula: minus count x frequency, minus presence once if said at all
             ids = np.fromiter(self.counts, dtype=np.int64)
             counts = np.fromiter(self.counts.values(), dtype=np.float32)
@@ -99,12 +133,12 @@ class TokenChooser:
             values[token] += bias
         if self.grammar is not None:
             values[~self.grammar.allowed(values.size)] = -np.inf
-        return torch.from_numpy(values)
+        return values
 
 
-def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """`token`'s log-probability under softmax(logits), and the `top` likeliest tokens' (numpy: see `adjusted`)."""
-    values = logits.numpy().astype(np.float64)
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under softmax(logits), and the `top` likeliest tokens'."""
+    values = logits.astype(np.float64)
     peak = values.max()
     logprobs = values - (peak + np.log(np.exp(values - peak).sum()))
     best = np.argpartition(-logprobs, top)[:top] if top else np.empty(0, dtype=np.int64)
