@@ -1,6 +1,6 @@
 """Prefill and decode speed of every path, with and without a rank-8 adapter, side by side in one run.
 
-    ODLORA_HOME=/tmp/oh python bench/bench_decode.py                              # onnx int4 vs llama.cpp
+    ODLORA_HOME=/tmp/oh python bench/bench_decode.py                              # onnx int4, native vs llama.cpp
     ODLORA_HOME=/tmp/oh python bench/bench_decode.py --paths onnx,llamacpp,genai --rounds 5 --work /tmp/dec
     ODLORA_HOME=/tmp/oh python bench/bench_decode.py --quick                      # few tokens: does it run?
     ODLORA_HOME=/tmp/oh python bench/bench_decode.py --paths onnx,llamacpp,openvino --openvino-python /tmp/ov/bin/python
@@ -9,6 +9,9 @@ Paths (each optional but ours; a missing peer is reported, not faked):
 
     onnx      our ONNX int4 export through the Python runtime (`Runtime.generate`: sampling,
               detokenising and the per-request work included), the adapter packed for it
+    native    the native runtime (runtime/native, C++, what an app ships) on a bundle of our
+              ExecuTorch export (--native-quant, 8da4w by default) with the adapter packed in it;
+              its `--requests` answers report the prefill and total times; peak RSS is its own
     llamacpp  llama.cpp (`llama-cpp-python`, built from source: see bench_llamacpp.py) on the base's
               own Q4_1 GGUF, the adapter as a llama.cpp LoRA GGUF; greedy on its logits per token
     genai     ONNX Runtime GenAI: its model builder's int4 CPU build of the same base (the fp32
@@ -51,7 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PATHS = ("onnx", "llamacpp", "genai", "openvino")
+PATHS = ("onnx", "native", "llamacpp", "genai", "openvino")
 VARIANTS = ("none", "adapter")
 BAR = ("llamacpp", "none")  # what every row is divided by
 
@@ -70,7 +73,7 @@ def setup(args) -> dict:
     missing = {}
     for path in args.paths:
         try:
-            {"onnx": setup_onnx, "llamacpp": setup_llamacpp, "genai": setup_genai,
+            {"onnx": setup_onnx, "native": setup_native, "llamacpp": setup_llamacpp, "genai": setup_genai,
              "openvino": setup_openvino}[path](args, base, adapter_dir)
         except PeerMissing as e:
             missing[path] = str(e)
@@ -91,6 +94,24 @@ def setup_onnx(args, base, adapter_dir: Path) -> None:
     blob = args.work / "adapter.onnx_adapter"
     if not blob.exists():
         pack(adapter_dir, out, blob)
+
+
+def setup_native(args, base, adapter_dir: Path) -> None:
+    """The native build, an ExecuTorch export (--native-quant) and a bundle of it with the adapter."""
+    from ondevice_lora.exporters.export import export, pack
+    from ondevice_lora.runtime.bundle import write_bundle
+    from ondevice_lora.runtime.native_build import build
+
+    build(say=lambda m: print(m, flush=True))
+    out = args.work / f"executorch-{args.native_quant}"
+    if not (out / "manifest.json").exists():
+        print(f"exporting executorch {args.native_quant} into {out} (once) ...", flush=True)
+        export(None, "executorch", out, quant=args.native_quant, force=True, say=lambda *_: None)
+    bundle = args.work / f"bundle-executorch-{args.native_quant}"
+    if not (bundle / "bundle.json").exists():
+        blob = args.work / f"adapter.{args.native_quant}.slots"
+        pack(adapter_dir, out, blob)
+        write_bundle(out, [("bench", blob)], bundle, force=True)
 
 
 def setup_llamacpp(args, base, adapter_dir: Path) -> None:
@@ -180,6 +201,27 @@ def worker_onnx(args, variant: str) -> tuple[float, float, int]:
     return args.prompt_tokens / result.prefill_seconds, (n - 1) / (result.seconds - result.prefill_seconds), n
 
 
+def worker_native(args, variant: str) -> tuple[float, float, int, float]:
+    """One `odlora-native --requests` process: a short warm-up request, then the timed one (raw text,
+    the prompt's ids decoded). Returns its own peak RSS too: this Python process only starts it."""
+    from bench_native import run_child
+
+    from ondevice_lora.base import load_tokenizer, resolve
+    from ondevice_lora.runtime.native_build import build
+
+    tokenizer = load_tokenizer(resolve(None))
+    prompt = tokenizer.decode(prompt_ids(tokenizer, args.prompt_tokens))
+    adapter = "bench" if variant == "adapter" else "base"
+    requests = args.work / f"native-{variant}.jsonl"
+    requests.write_text("".join(json.dumps({"prompt": p, "adapter": adapter, "max_new_tokens": n, "chat": False}) + "\n"
+                                for p, n in ((prompt[:40], 4), (prompt, args.tokens))))
+    bundle = args.work / f"bundle-executorch-{args.native_quant}"
+    out, _, rss = run_child([str(build(say=lambda m: None)), str(bundle), "--requests", str(requests)])
+    answer = json.loads(out.splitlines()[-1])
+    n, prefill_s = len(answer["token_ids"]), answer["prefill_ms"] / 1e3
+    return answer["prompt_tokens"] / prefill_s, (n - 1) / (answer["total_ms"] / 1e3 - prefill_s), n, rss
+
+
 def worker_llamacpp(args, variant: str) -> tuple[float, float, int]:
     from bench_llamacpp import open_llama, run
 
@@ -251,9 +293,9 @@ def worker_openvino(args, variant: str) -> tuple[float, float, int]:
 def worker(args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     path, variant = args.worker
-    prefill, decode, tokens = {"onnx": worker_onnx, "llamacpp": worker_llamacpp, "genai": worker_genai,
-                               "openvino": worker_openvino}[path](args, variant)
-    peak = peak_rss_mib()
+    prefill, decode, tokens, *child_peak = {"onnx": worker_onnx, "native": worker_native, "llamacpp": worker_llamacpp,
+                                            "genai": worker_genai, "openvino": worker_openvino}[path](args, variant)
+    peak = child_peak[0] if child_peak else peak_rss_mib()
     print(json.dumps({"prefill": prefill, "decode": decode, "tokens": tokens, "peak_rss_mib": peak}))
 
 
@@ -265,8 +307,9 @@ def peak_rss_mib() -> float:
 
 def measure(args, path: str, variant: str) -> dict:
     python = args.openvino_python if path == "openvino" else sys.executable
-    command = [python, __file__, "--worker", path, variant, "--work", str(args.work),
-               "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens), "--tokens", str(args.tokens)]
+    command = [python, __file__, "--worker", path, variant, "--work", str(args.work), "--threads", str(args.threads),
+               "--prompt-tokens", str(args.prompt_tokens), "--tokens", str(args.tokens),
+               "--native-quant", args.native_quant]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{path} ({variant}) failed:\n{done.stderr[-2000:]}")
@@ -297,7 +340,9 @@ def report(args, runs: dict, missing: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", default="onnx,llamacpp,genai", help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--paths", default="onnx,native,llamacpp,genai", help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--native-quant", default="8da4w", choices=("fp32", "8da4w", "8da8w"),
+                        help="the ExecuTorch export the native path's bundle holds")
     parser.add_argument("--openvino-python", default=sys.executable,
                         help="the interpreter with openvino-genai and optimum-intel (the openvino path)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "odlora-bench-decode")

@@ -29,7 +29,6 @@ from ondevice_lora.exporters.executorch import DATA, PROGRAM, export_program
 from ondevice_lora.exporters.export import export, pack
 from ondevice_lora.config import LoraConfig
 from ondevice_lora.lora import apply_lora, lora_layers
-from ondevice_lora.models.slots import per_layer
 from ondevice_lora.registry import DEFAULT_BASE
 from ondevice_lora.runtime.executorch import ExecutorchSession
 
@@ -158,8 +157,8 @@ def main():
             row[f"pte_{variant}"], row[f"ptd_{variant}"] = file_sizes(d)
 
         session = ExecutorchSession(slotted)
-        zeros = per_layer(session._zeros)
-        adapter = per_layer(session.load_adapter(args.out / f"adapter-r8.{quant}.slots"))
+        zeros = session.slot_inputs(session._zeros)
+        adapter = session.slot_inputs(session.load_adapter(args.out / f"adapter-r8.{quant}.slots"))
         _, (forward, prefill), row["load_s"] = load(slotted)
         row["decode_ms_zero_slots"] = time_decode(forward, prefill, zeros, args.steps)
         row["decode_ms_adapter"] = time_decode(forward, prefill, adapter, args.steps)

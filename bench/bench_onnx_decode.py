@@ -12,7 +12,8 @@ seven linears, --max-seq-len). Then, with --threads threads, --rounds rounds in 
    steps on the runtime's per-request path (`OnnxSequence`): ms per step and steps/s (no sampling,
    detokenising or request handling around it).
 2. End to end: `Runtime.generate` of --tokens greedy tokens after the same prompt, as a request
-   sees it (sampling, detokenising and the runtime's per-request work included): decode tokens/s.
+   sees it (sampling, detokenising and the runtime's per-request work included): decode tokens/s;
+   and the same sampled (temperature 0.7, top-p 0.9, seeded), what a chat request usually asks.
 3. Profile: the same steps again with ONNX Runtime's profiler on; the time of every node, summed
    per op type and divided by the steps: where a step goes (MatMulNBits, attention's MatMuls and
    Softmax, the cache's ScatterElements, ...).
@@ -34,6 +35,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -71,13 +73,16 @@ def decode_steps(session, prompt: list[int], tokens: int) -> list[float]:
     return times
 
 
-def end_to_end(rt, prompt: list[int], tokens: int) -> tuple[float, int]:
-    """Decode tokens/s of `Runtime.generate` (prefill excluded), greedy, and the tokens it made
-    (up to `tokens`; the base's end-of-text token stops it sooner)."""
+SAMPLED = {"temperature": 0.7, "top_p": 0.9, "seed": 0}  # the sampled end-to-end column's settings
+
+
+def end_to_end(rt, prompt: list[int], tokens: int, sampling: Optional[dict] = None) -> tuple[float, int]:
+    """Decode tokens/s of `Runtime.generate` (prefill excluded), greedy or with `sampling`'s
+    SamplingConfig fields, and the tokens it made (up to `tokens`; the end-of-text token stops it sooner)."""
     from ondevice_lora.config import SamplingConfig
 
     text = rt.tokenizer.decode(prompt)
-    result = rt.generate(text, sampling=SamplingConfig(max_new_tokens=tokens, stop=[]), chat=False)
+    result = rt.generate(text, sampling=SamplingConfig(max_new_tokens=tokens, stop=[], **(sampling or {})), chat=False)
     if len(result.token_ids) < 2:
         sys.exit("the base stopped at once: use another --prompt-tokens")
     return (len(result.token_ids) - 1) / (result.seconds - result.prefill_seconds), len(result.token_ids)
@@ -173,19 +178,22 @@ def main() -> None:
     exports = [export_dir] + ([args.against] if args.against else [])
     opened = {d: (OnnxSession(d, threads=args.threads, verify=False), Runtime.open(d, threads=args.threads, verify=False))
               for d in exports}
-    steps, e2e = defaultdict(list), defaultdict(list)
+    steps, e2e, sampled = defaultdict(list), defaultdict(list), defaultdict(list)
     for _ in range(args.rounds):  # the exports take turns in every round
         for d, (session, rt) in opened.items():
             steps[d].append(statistics.median(decode_steps(session, prompt, args.tokens)))
             e2e[d].append(end_to_end(rt, prompt, args.tokens))
+            sampled[d].append(end_to_end(rt, prompt, args.tokens, SAMPLED)[0])
     del opened
     print(f"\ndecode, {args.threads} threads, after {len(prompt)} prompt tokens, {args.tokens} steps, medians of "
-          f"{args.rounds} rounds (graph: the runtime's per-step call; end to end: Runtime.generate, greedy)")
-    print(f"{'export':<48} {'ms/step':>8} {'steps/s':>8} {'e2e tok/s':>10} {'tokens':>7}")
+          f"{args.rounds} rounds (graph: the runtime's per-step call; end to end: Runtime.generate, greedy, "
+          f"and sampled with {SAMPLED})")
+    print(f"{'export':<48} {'ms/step':>8} {'steps/s':>8} {'e2e tok/s':>10} {'tokens':>7} {'sampled tok/s':>14}")
     for d in exports:
         step = statistics.median(steps[d])
         rate, made = statistics.median(r for r, _ in e2e[d]), e2e[d][0][1]
-        print(f"{str(d):<48} {step * 1e3:>8.2f} {1 / step:>8.1f} {rate:>10.1f} {made:>7}")
+        print(f"{str(d):<48} {step * 1e3:>8.2f} {1 / step:>8.1f} {rate:>10.1f} {made:>7} "
+              f"{statistics.median(sampled[d]):>14.1f}")
     step = statistics.median(steps[export_dir])
 
     per_op = profile_ops(export_dir, args.threads, prompt, args.tokens)

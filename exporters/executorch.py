@@ -11,8 +11,12 @@ The program has two methods over the same weights and one shared KV cache (mutab
 
 both static-shaped: XNNPACK refuses reshapes with a symbolic size, so a dynamic T would cut the
 delegate at every view. Prompts run in C-token chunks (the last one right-aligned, or padded when
-the prompt is shorter than C; see `runtime/executorch.py`'s `ExecutorchSession.forward`). The slots come as one input per
-layer and slot tensor (`SlotSpec.per_layer_names`), read in place: zeros give exactly the base.
+the prompt is shorter than C; see `runtime/executorch.py`'s `ExecutorchSession.forward`). Each group
+of projections that reads one input (q|k|v, o, gate|up, down) is one linear with one slot path,
+`y = x Wᵀ + (x @ AT) @ BT`, its AT (1, in, m·R) and BT (1, m·R, width) inputs per layer at the
+export's rank R (`projections.py`; the manifest's `slot_feed` says where each member's columns are),
+read in place: zeros give exactly the base. Exports written before this took one input per layer and slot
+tensor (`SlotSpec.per_layer_names`); the runtimes still run them.
 
 To keep the XNNPACK delegate whole (one partition per method, two with a tied embedding, instead
 of several per layer: the design notes' measured warning) the model goes through rewrites first:
@@ -51,9 +55,10 @@ from torch import nn
 from ..errors import OdloraError
 from ..formats.blobs import EXECUTORCH_SLOTS_FORMAT
 from ..formats.slots import SlotSpec
+from ..models.llama import MLP
 from ..models.rewrite import replace_linears
-from ..models.slots import SlottedModel, per_layer, zero_slots
 from .executorch_delegates import lowering_report, partitioner
+from .projections import example_slot_tensors, fuse_projections, slot_feed, slot_input_names, slotted_projections
 
 QUANTS = ("fp32", "8da4w", "8da8w")
 FAMILIES = ("llama",)  # the model families (`models.family_of`) it knows the structure of
@@ -99,18 +104,24 @@ class XnnpackAttention(nn.Module):
     def __init__(self, attn: nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.qkv, self.o = attn.qkv, attn.o  # projections.fuse_projections
         if hasattr(attn, "q_norm"):
             self.q_norm, self.k_norm = XnnpackRMSNorm(attn.q_norm), XnnpackRMSNorm(attn.k_norm)
-        self.kv_cache = attn.kv_cache
+        # The cache as (kv heads, positions, head dim), the shape the bmm reads: a view of a 4-D
+        # cache is a reshape, which XNNPACK runs as a copy of the whole cache (measured: 4 of a
+        # 20 ms decode step of the default base at 512 positions).
+        cache = attn.kv_cache  # (1, kv heads, positions, head dim)
+        self.register_buffer("k_cache", cache.k_cache[0].clone(), persistent=False)
+        self.register_buffer("v_cache", cache.v_cache[0].clone(), persistent=False)
 
     def forward(self, x, cos, sin, masks, input_pos):
         B, T, _ = x.shape  # B == 1: the cache holds one sequence
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         group = H // Hkv
-        q = self.q_proj(x).view(B, T, H, hd)
-        k = self.k_proj(x).view(B, T, Hkv, hd)
-        v = self.v_proj(x).view(B, T, Hkv, hd)
+        qkv = self.qkv(x)  # slices, not split: XNNPACK has no split
+        q = qkv[..., :H * hd].view(B, T, H, hd)
+        k = qkv[..., H * hd:(H + Hkv) * hd].view(B, T, Hkv, hd)
+        v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
@@ -119,23 +130,38 @@ class XnnpackAttention(nn.Module):
         # Query heads h*group .. h*group+group-1 share KV head h: fold them into the row axis.
         q = (q * (1.0 / math.sqrt(hd))).reshape(B * Hkv, group * T, hd)
         k_new, v_new = k.reshape(B * Hkv, T, hd), v.reshape(B * Hkv, T, hd)
-        S = self.kv_cache.k_cache.shape[2]
-        k_old = self.kv_cache.k_cache.view(B * Hkv, S, hd)  # before this chunk is written
-        v_old = self.kv_cache.v_cache.view(B * Hkv, S, hd)
+        S = self.k_cache.shape[1]
+        k_old, v_old = self.k_cache, self.v_cache  # before this chunk is written
         old_mask, new_mask = masks  # (1, 1, S), (1, group*T, T): 0 or -inf
         # k_old @ qᵀ then transpose: the transpose moves (group*T, S) scores, not the whole cache.
         old = torch.bmm(k_old, q.transpose(1, 2)).transpose(1, 2) + old_mask  # (B*Hkv, group*T, S)
         new = torch.bmm(q, k_new.transpose(1, 2)) + new_mask  # (B*Hkv, group*T, T)
         p = torch.softmax(torch.cat((old, new), dim=-1), dim=-1)
         y = torch.bmm(p[..., :S], v_old) + torch.bmm(p[..., S:], v_new)  # (B*Hkv, group*T, hd)
-        self.kv_cache.update(input_pos, k, v)
+        self.k_cache.index_copy_(1, input_pos, k_new)
+        self.v_cache.index_copy_(1, input_pos, v_new)
         y = y.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
-        return self.o_proj(y)
+        return self.o(y)
 
 
 def replace_attention(model: nn.Module) -> nn.Module:
     for layer in model.model.layers:
         layer.self_attn = XnnpackAttention(layer.self_attn)
+    return model
+
+
+class XnnpackMLP(MLP):
+    """The SwiGLU MLP over the fused gate|up projection, taken apart by slices (XNNPACK has no split)."""
+
+    def forward(self, x):
+        hidden = self.gate_up.sizes[0]
+        gate_up = self.gate_up(x)
+        return self.down(self.activate(gate_up[..., :hidden], gate_up[..., hidden:]))
+
+
+def replace_mlp(model: nn.Module) -> nn.Module:
+    for layer in model.model.layers:
+        layer.mlp.__class__ = XnnpackMLP
     return model
 
 
@@ -147,7 +173,7 @@ def replace_rms_norm(model: nn.Module) -> nn.Module:
     return model
 
 
-REWRITES = [replace_attention, replace_rms_norm]
+REWRITES = [replace_attention, replace_mlp, replace_rms_norm]
 
 
 class CachedDecoder(nn.Module):
@@ -160,7 +186,7 @@ class CachedDecoder(nn.Module):
         self.model, self.lm_head = model.model, model.lm_head
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
-        self.cache_len = model.cache_len
+        self.cache_len = model.model.layers[0].self_attn.k_cache.shape[1]
 
     def forward(self, tokens, input_pos):
         T = tokens.shape[1]
@@ -177,13 +203,35 @@ class CachedDecoder(nn.Module):
         return self.lm_head(self.model.norm(x))
 
 
-def prepare(model: nn.Module, max_seq_len: int) -> CachedDecoder:
-    """A copy of `model` with a 1 x max_seq_len KV cache and the XNNPACK rewrites applied."""
+def prepare(model: nn.Module, max_seq_len: int, spec: Optional[SlotSpec]) -> CachedDecoder:
+    """A copy of `model` with a 1 x max_seq_len KV cache, its projections fused per group (slotted
+    where `spec` has the group; `projections.py`) and the XNNPACK rewrites applied."""
     model = copy.deepcopy(model)
     model.setup_cache(1, max_seq_len)
-    for rewrite in REWRITES:
-        model = rewrite(model)
-    return CachedDecoder(model).eval()
+    projections = fuse_projections(model, spec)
+    for rewrite in REWRITES:  # each in place
+        rewrite(model)
+    decoder = CachedDecoder(model).eval()
+    decoder.projections = projections
+    return decoder
+
+
+class SlotInputs(nn.Module):
+    """`forward(tokens, input_pos, *slot_inputs)`: the decoder with its slot inputs (a pair per layer
+    and slotted group, `projections.slot_input_names` order) set on its projections for the call."""
+
+    def __init__(self, decoder: CachedDecoder):
+        super().__init__()
+        self.decoder = decoder
+        self.slotted = slotted_projections(decoder.projections)
+
+    def forward(self, tokens, input_pos, *slots):
+        for i, projection in enumerate(self.slotted):
+            projection.slot = (slots[2 * i], slots[2 * i + 1])
+        logits = self.decoder(tokens, input_pos)
+        for projection in self.slotted:  # drop references to this call's tensors
+            projection.slot = None
+        return logits
 
 
 def weight_inputs(ep) -> set[str]:
@@ -219,7 +267,7 @@ def xnnpack_graph_rewrites(ep) -> None:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
         elif (node.target in (aten.matmul.default, aten.mm.default) and node.args[1] in runtime
-              and node.args[1].meta["val"].dim() == 2):
+              and is_matrix(node.args[1].meta["val"])):
             with graph.inserting_before(node):
                 y, added = runtime_matmul(graph, node)
             runtime.update(added)
@@ -228,16 +276,23 @@ def xnnpack_graph_rewrites(ep) -> None:
     ep.graph_module.recompile()
 
 
+def is_matrix(value: torch.Tensor) -> bool:
+    """(k, n), or (1, k, n): a batch of one, as the slot inputs come."""
+    return value.dim() == 2 or (value.dim() == 3 and value.shape[0] == 1)
+
+
 def runtime_matmul(graph, node):
-    """`a @ b` for a 2-D runtime b (k, n) as a 3-D bmm; returns the result node and the nodes added.
+    """`a @ b` for a runtime b (k, n) or (1, k, n) as a 3-D bmm; returns the result node and the
+    nodes added.
 
     Reshapes only where the shapes differ: each node costs export time in every one of
-    ExecuTorch's many passes. (Putting the slot tensor on the left of the bmm, where XNNPACK
-    would not repack it per call, measured no faster on the default base.)
+    ExecuTorch's many passes, and XNNPACK runs a reshape of a runtime tensor as a copy (the slot
+    inputs come 3-D so that none is copied per call). (Putting the slot tensor on the left of the
+    bmm, where XNNPACK would not repack it per call, measured no faster on the default base.)
     """
     aten = torch.ops.aten
     a, b = node.args
-    lead, (k, n) = list(a.meta["val"].shape[:-1]), b.meta["val"].shape
+    lead, (k, n) = list(a.meta["val"].shape[:-1]), b.meta["val"].shape[-2:]
     rows = math.prod(lead)
     added = []
 
@@ -249,25 +304,9 @@ def runtime_matmul(graph, node):
         return new
 
     a3 = a if lead == [1, rows] else call(aten.reshape.default, a, [1, rows, k])
-    b3 = call(aten.reshape.default, b, [1, k, n])  # a reshape: XNNPACK unsqueezes only the last dim
+    b3 = b if b.meta["val"].dim() == 3 else call(aten.reshape.default, b, [1, k, n])  # XNNPACK unsqueezes only the last dim
     y = call(aten.bmm.default, a3, b3)
     return (y if lead == [1, rows] else call(aten.reshape.default, y, lead + [n])), added
-
-
-class PerLayerSlots(nn.Module):
-    """The slotted model with one input per layer and slot tensor, layer-major (`SlotSpec.per_layer_names`).
-
-    The program then reads each layer's slots in place: taking layer i out of a stacked 3-D input
-    is a copy per call in ExecuTorch (select_copy), about 20 MB per decoded token for rank-16
-    slots on SmolLM2. SlottedModel indexes its slot arguments by layer, so per-layer lists feed it.
-    """
-
-    def __init__(self, slotted: SlottedModel):
-        super().__init__()
-        self.slotted, self.n = slotted, len(slotted.slot_names)
-
-    def forward(self, tokens, input_pos, *per_layer):
-        return self.slotted(tokens, input_pos, *(list(per_layer[k::self.n]) for k in range(self.n)))
 
 
 # -- quantisation of the frozen base ----------------------------------------------------------
@@ -374,9 +413,9 @@ def export_program(model: nn.Module, spec: Optional[SlotSpec], out_dir: Path, qu
                           "fp32 here (its own quantiser is not wired in yet)", param="quant")
     lowering_partitioner = partitioner(backend)  # before the slow part: a delegate missing here fails at once
     stage(f"preparing the model ({quant})")
-    decoder = quantize_base(prepare(model, max_seq_len), quant)
-    module = PerLayerSlots(SlottedModel(decoder, spec)).eval() if spec is not None else decoder
-    slots = tuple(per_layer(zero_slots(spec))) if spec is not None else ()
+    decoder = quantize_base(prepare(model, max_seq_len, spec), quant)
+    module = SlotInputs(decoder).eval()
+    slots = tuple(example_slot_tensors(decoder.projections, spec)) if spec is not None else ()
     chunk = min(PREFILL_CHUNK, max_seq_len)
     lowering = lower(module, {"forward": 1, "prefill": chunk}, slots, Path(out_dir),
                      metadata=runner_metadata(decoder.args, max_seq_len, chunk, config), quantised=quant != "fp32",
@@ -384,7 +423,8 @@ def export_program(model: nn.Module, spec: Optional[SlotSpec], out_dir: Path, qu
     return {"executorch": {
         "program": PROGRAM, "data": DATA if (Path(out_dir) / DATA).exists() else None,
         "methods": {"forward": 1, "prefill": chunk},
-        "inputs": ["tokens", "input_pos", *(spec.per_layer_names() if spec is not None else ())],
+        "inputs": ["tokens", "input_pos", *(slot_input_names(spec) if spec is not None else ())],
+        "slot_feed": slot_feed(decoder.projections[0], spec) if spec is not None else None,
         "delegate_partitions": {method: report["partitions"] for method, report in lowering.items()},
         "backend": backend, "lowering": lowering,
     }}

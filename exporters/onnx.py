@@ -11,8 +11,8 @@ The graph, one for prefill and decode (T is dynamic, the cache length is fixed):
       -> (logits[1,T,vocab], present_key_0, present_value_0, ...)
 
 Rewrites before torch.export, pure functions on the model (the model file stays export-generic):
-`onnx_slots.fuse_projections` (q|k|v, o, gate|up and down each one linear with one slot path: see
-`onnx_slots.py` for the slot inputs' layout and why), `replace_attention_with_fused` (each layer's
+`projections.fuse_projections` (q|k|v, o, gate|up and down each one linear with one slot path: see
+`projections.py` for the slot inputs' layout and why), `replace_attention_with_fused` (each layer's
 attention as one ONNX Runtime GroupQueryAttention node: RoPE, cache update and grouped-query
 attention over the filled positions; see `onnx_attention.py`), `replace_mlp_with_fused` and
 `replace_kv_cache_with_io` (ONNX Runtime wants a functional graph: past-in / present-out tensors
@@ -54,7 +54,7 @@ from . import onnx_attention, onnx_norm
 from .onnx_attention import check_head_dim
 from .onnx_graph import fold_residual_norms, pack_qkv_into_attention, sum_add_chains
 from .onnx_quant import quantize_weights
-from .onnx_slots import fuse_projections, slot_feed, slot_input_names
+from .projections import fuse_projections, slot_feed, slot_input_names, slotted_projections
 
 QUANTS = ("fp32", "int8", "int4")
 FAMILIES = ("llama",)  # the model families (`models.family_of`) it knows the structure of
@@ -89,7 +89,7 @@ def replace_kv_cache_with_io(model: nn.Module) -> list[KVCacheIO]:
 class FusedAttention(Attention):
     """The same attention as one GroupQueryAttention node (`onnx_attention.py`): RoPE, the cache
     update and grouped-query attention over the filled positions. q, k and v come from one
-    projection (`self.qkv`), o from `self.o` (`onnx_slots.fuse_projections`). `rope` holds the
+    projection (`self.qkv`), o from `self.o` (`projections.fuse_projections`). `rope` holds the
     (cos, sin) tables of the export's positions, the graph's constants."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
@@ -138,7 +138,7 @@ def cache_names(n_layers: int, prefix: str) -> list[str]:
 
 class CacheIOModel(nn.Module):
     """`forward(tokens, input_pos, *past_caches, *slot_inputs) -> (logits, *present_caches)`, the
-    slot inputs as `onnx_slots.slot_input_names` orders them (layer-major: AT, BT per slotted group)."""
+    slot inputs as `projections.slot_input_names` orders them (layer-major: AT, BT per slotted group)."""
 
     def __init__(self, model: nn.Module, spec: SlotSpec, max_seq_len: int):
         super().__init__()
@@ -154,7 +154,7 @@ class CacheIOModel(nn.Module):
         for i, cache in enumerate(self.caches):
             cache.k_cache, cache.v_cache = flat[2 * i], flat[2 * i + 1]
         slots = iter(flat[n:])
-        slotted = [p for layer in self.projections for p in layer.values() if p.slotted]
+        slotted = slotted_projections(self.projections)
         for projection in slotted:
             projection.slot = (next(slots), next(slots))
         logits = self.model(tokens, input_pos=input_pos)
@@ -175,8 +175,8 @@ def example_slot_inputs(graph: CacheIOModel, spec: SlotSpec) -> tuple[list[torch
             projection = layer[group]
             dim = dims.setdefault(group, torch.export.Dim(f"rank_{group}", min=0, max=len(members) * 4096))
             rank = len(members) * spec.max_rank
-            tensors += [(torch.zeros(projection.weight.shape[1], rank), {1: dim}),
-                        (torch.zeros(rank, projection.weight.shape[0]), {0: dim})]
+            tensors += [(torch.zeros(projection.in_features, rank), {1: dim}),
+                        (torch.zeros(rank, projection.out_features), {0: dim})]
     return [t for t, _ in tensors], [d for _, d in tensors]
 
 
@@ -245,7 +245,7 @@ def export_program(model: nn.Module, spec: SlotSpec, out_dir: Path, quant: str, 
         "slot_inputs": slot_input_names(spec),
         "slot_input_layout": ("lora_AT_<group>.<layer> (in, m·r) and lora_BT_<group>.<layer> (m·r, width): the "
                               "group's slotted members' A transposed side by side and their B transposed, "
-                              "block-diagonal at the columns slot_feed gives; r dynamic (onnx_slots.py)"),
+                              "block-diagonal at the columns slot_feed gives; r dynamic (projections.py)"),
         "slot_feed": slot_feed(graph.projections[0], spec),
         "slot_defaults": "empty (rank 0: the base), overridden by the fed slot inputs",
         "quantization": quantization,

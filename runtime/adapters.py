@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from ..atomic import pair_sidecar
@@ -174,6 +175,36 @@ def combine_slots(parts: list[tuple[str, dict[str, torch.Tensor], float]], spec:
 
 
 # -- the cache ----------------------------------------------------------------------------------------------
+
+def transposed_slot_inputs(slots: dict[str, torch.Tensor], spec: SlotSpec, feed: dict,
+                           rank: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Stacked slot tensors -> the graph's `lora_AT_<group>.<layer>` (in, m·r) and `lora_BT_<group>.<layer>`
+    (m·r, width) inputs (`exporters/projections.py`; `feed` is the manifest's `slot_feed`).
+
+    rank None (ONNX, whose graph takes any r): each pair at the used rank r of its own layer and
+    group, and a pair with nothing to add (r = 0) left out, so that the graph's empty default applies.
+    A fixed `rank` (ExecuTorch's static shapes: R): every pair, at that rank, zero-padded.
+    """
+    out = {}
+    for group, members in spec.groups().items():
+        A, B = slots[f"lora_A_{group}"].float(), slots[f"lora_B_{group}"].float()  # (L, m·R, in), (L, Σout, R)
+        R = B.shape[-1]
+        width, columns = feed[group]["width"], feed[group]["columns"]
+        for layer in range(spec.n_layers):
+            r = rank or spec.used_rank({f"lora_A_{group}": A[layer:layer + 1], f"lora_B_{group}": B[layer:layer + 1]},
+                                       [group])
+            if r == 0:
+                continue
+            AT = np.zeros((A.shape[-1], len(members) * r), np.float32)
+            BT = np.zeros((len(members) * r, width), np.float32)
+            for j, (member, row) in enumerate(zip(members, spec.out_offsets(group))):
+                out_features = spec.features[member][1]
+                AT[:, j * r:(j + 1) * r] = A[layer, spec.rows(j, R, count=r)].T.numpy()
+                BT[j * r:(j + 1) * r, columns[member]:columns[member] + out_features] = \
+                    B[layer, row:row + out_features, :r].T.numpy()
+            out[f"lora_AT_{group}.{layer}"], out[f"lora_BT_{group}.{layer}"] = AT, BT
+    return out
+
 
 class AdapterCache:
     """Loaded adapters by key, least recently used first out once their bytes exceed `budget`.

@@ -18,6 +18,7 @@ from ..formats.manifest import read_manifest
 from ..formats.slots import SlotSpec
 from ..quiet import native_stderr_hidden, package_skipped
 from ..models.slots import per_layer, zero_slots
+from .adapters import transposed_slot_inputs
 from .backends import Backend, Loaded, tensors_nbytes
 
 
@@ -78,19 +79,39 @@ class ExecutorchSession:
             self.prefill = self.program.load_method("prefill")
         self.chunk = fields["methods"]["prefill"]
         self.max_seq_len = self.manifest["max_seq_len"]
-        self._zeros = zero_slots(SlotSpec.from_dict(self.manifest["slots"]))  # the base, allocated once
-        self._zero_inputs = per_layer(self._zeros)
+        self.spec = SlotSpec.from_dict(self.manifest["slots"])
+        self._zeros = zero_slots(self.spec)  # the base, allocated once
+        self._zero_inputs = self.slot_inputs(self._zeros)
         self._adapter = self._adapter_inputs = None
+
+    def slot_inputs(self, slots: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Stacked slot tensors -> the program's slot inputs: AT/BT per layer and group at rank R
+        (`transposed_slot_inputs`) as batches of one, or an older export's per-layer views of A and B."""
+        feed = self.manifest["executorch"].get("slot_feed")
+        if feed is None:
+            return per_layer(slots)
+        arrays = transposed_slot_inputs(slots, self.spec, feed, rank=self.spec.max_rank)
+        return [torch.from_numpy(arrays[name])[None] for name in self.manifest["executorch"]["inputs"][2:]]
 
     def load_adapter(self, path: Path) -> dict[str, torch.Tensor]:
         return read_slots(path, self.manifest)
 
+    def _inputs_for(self, adapter) -> list[torch.Tensor]:
+        if adapter is None:
+            return self._zero_inputs
+        if isinstance(adapter, list):
+            return adapter
+        if adapter is not self._adapter:  # the last adapter's inputs, kept
+            self._adapter, self._adapter_inputs = adapter, self.slot_inputs(adapter)
+        return self._adapter_inputs
+
     def _run(self, method, tokens, positions, slots) -> torch.Tensor:
         return method.execute([tokens.contiguous(), positions.contiguous(), *slots])[0]
 
-    def forward(self, tokens, input_pos, adapter: Optional[dict] = None) -> torch.Tensor:
+    def forward(self, tokens, input_pos, adapter=None) -> torch.Tensor:
         """Logits (1, T, vocab) for T tokens at consecutive positions from `input_pos` (an int
-        or the (T,) positions), writing their keys and values into the cache."""
+        or the (T,) positions), writing their keys and values into the cache. `adapter`: None (the
+        base), stacked slot tensors (`load_adapter`) or their program inputs (`slot_inputs`)."""
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
         T = tokens.shape[1]
         start = int(input_pos) if isinstance(input_pos, int) else int(torch.as_tensor(input_pos).reshape(-1)[0])
@@ -99,9 +120,7 @@ class ExecutorchSession:
             raise OdloraError("input_pos must be consecutive positions")
         if start < 0 or start + T > self.max_seq_len:
             raise OdloraError(f"positions {start}..{start + T - 1} are outside this export's {self.max_seq_len}")
-        if adapter is not self._adapter:  # the per-layer views of the last adapter, kept
-            self._adapter, self._adapter_inputs = adapter, per_layer(adapter) if adapter is not None else None
-        slots = self._zero_inputs if adapter is None else self._adapter_inputs
+        slots = self._inputs_for(adapter)
         if T == 1:
             return self._run(self.decode, tokens, positions, slots)
         C, done, outs = self.chunk, 0, []
@@ -166,19 +185,19 @@ class ExecutorchBackend(Backend):
         self.session = ExecutorchSession(export_dir, threads=threads)
 
     def load_packed(self, path: Path) -> Loaded:
-        slots = self.session.load_adapter(path)  # checks format, base and layout
-        return Loaded(slots, tensors_nbytes(slots.values()))
+        return self.from_slots(self.session.load_adapter(path))  # checks format, base and layout
 
     def from_slots(self, slots: dict[str, torch.Tensor]) -> Loaded:
-        ordered = {name: slots[name].float().contiguous() for name in self.spec.layout()}
-        return Loaded(ordered, tensors_nbytes(ordered.values()))
+        """The program's inputs, built once: a swap is then a lookup."""
+        inputs = self.session.slot_inputs({name: slots[name].float() for name in self.spec.layout()})
+        return Loaded(inputs, tensors_nbytes(inputs))
 
     def _new_sequence(self, adapter):
         return ExecutorchSequence(self.session, adapter.native if adapter is not None else None)
 
 
 class ExecutorchSequence:
-    def __init__(self, session, slots: Optional[dict]):
+    def __init__(self, session, slots: Optional[list]):
         self.session, self.slots = session, slots
 
     def forward(self, tokens: list[int], start: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from ..errors import OdloraError
 from ..formats.blobs import ONNX_ADAPTER_VERSIONS, onnx_model_version
 from ..formats.manifest import read_manifest
 from ..formats.slots import SlotSpec
+from .adapters import transposed_slot_inputs
 from .backends import Backend, Loaded, tensors_nbytes
 
 class OnnxSession:
@@ -154,30 +155,6 @@ def read_slots(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
 def stack_layers(tensors: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
     """`<slot>.<layer>` tensors -> stacked (L, ...) slot tensors."""
     return {name: torch.stack([tensors[f"{name}.{i}"] for i in range(shape[0])]) for name, shape in layout.items()}
-
-
-def transposed_slot_inputs(slots: dict[str, torch.Tensor], spec: SlotSpec, feed: dict) -> dict[str, np.ndarray]:
-    """Stacked slot tensors -> the graph's `lora_AT_<group>.<layer>` (in, m·r) and `lora_BT_<group>.<layer>`
-    (m·r, width) inputs (`exporters/onnx_slots.py`), each pair at the used rank r of its own layer and
-    group; a pair with nothing to add (r = 0) is left out, so the graph's empty default applies."""
-    out = {}
-    for group, members in spec.groups().items():
-        A, B = slots[f"lora_A_{group}"].float(), slots[f"lora_B_{group}"].float()  # (L, m·R, in), (L, Σout, R)
-        R = B.shape[-1]
-        width, columns = feed[group]["width"], feed[group]["columns"]
-        for layer in range(spec.n_layers):
-            r = spec.used_rank({f"lora_A_{group}": A[layer:layer + 1], f"lora_B_{group}": B[layer:layer + 1]}, [group])
-            if r == 0:
-                continue
-            AT = np.zeros((A.shape[-1], len(members) * r), np.float32)
-            BT = np.zeros((len(members) * r, width), np.float32)
-            for j, (member, row) in enumerate(zip(members, spec.out_offsets(group))):
-                out_features = spec.features[member][1]
-                AT[:, j * r:(j + 1) * r] = A[layer, spec.rows(j, R, count=r)].T.numpy()
-                BT[j * r:(j + 1) * r, columns[member]:columns[member] + out_features] = \
-                    B[layer, row:row + out_features, :r].T.numpy()
-            out[f"lora_AT_{group}.{layer}"], out[f"lora_BT_{group}.{layer}"] = AT, BT
-    return out
 
 
 def fixed_rank_slot_inputs(slots: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:

@@ -24,6 +24,8 @@ pytest.importorskip("executorch")
 from ondevice_lora.config import LoraConfig  # noqa: E402
 from ondevice_lora.errors import OdloraError  # noqa: E402
 from ondevice_lora.exporters.export import export, pack  # noqa: E402
+from ondevice_lora.exporters.projections import slot_input_names  # noqa: E402
+from ondevice_lora.formats.slots import SlotSpec  # noqa: E402
 from ondevice_lora.config import SamplingConfig  # noqa: E402
 from ondevice_lora.runtime import Runtime  # noqa: E402
 from ondevice_lora.runtime.bundle import write_bundle  # noqa: E402
@@ -84,7 +86,7 @@ def test_openvino_takes_the_whole_graph(delegated):
         assert report["partitions"] == 1 and report["cpu_ops"] == {} and report["delegated_share"] == 1.0
     # The weights are compiled into OpenVINO's blob inside the program: no separate data file.
     assert fields["data"] is None and not (out / "model.ptd").exists()
-    assert fields["inputs"][2:] == [f"{name}.{layer}" for layer in range(2) for name in manifest["slots"]["layout"]]
+    assert fields["inputs"][2:] == slot_input_names(SlotSpec.from_dict(manifest["slots"]))
 
 
 def test_openvino_serves_per_request_adapters(delegated, adapters):

@@ -86,9 +86,12 @@ def test_manifest_and_files(exported):
     fields = manifest["executorch"]
     assert {"model.pte", "model.ptd"} <= set(manifest["files"])
     assert fields["methods"] == {"forward": 1, "prefill": 32}
-    # One input per layer and slot tensor (a stacked input would be copied per call to take a layer out).
-    layout = manifest["slots"]["layout"]
-    assert fields["inputs"] == ["tokens", "input_pos"] + [f"{name}.{layer}" for layer in range(2) for name in layout]
+    # One AT and one BT input per layer and group (a stacked input would be copied per call to take a
+    # layer out), and where each member's columns are in its group's fused output.
+    groups = ("qkv", "o", "gate_up", "down")
+    assert fields["inputs"] == ["tokens", "input_pos"] + [f"lora_{factor}_{group}.{layer}" for layer in range(2)
+                                                          for group in groups for factor in ("AT", "BT")]
+    assert fields["slot_feed"]["qkv"] == {"width": 128, "columns": {"q_proj": 0, "k_proj": 64, "v_proj": 96}}
     # The rewrites keep the XNNPACK delegate whole: one partition per method, not several per layer.
     assert fields["delegate_partitions"] == {"forward": 1, "prefill": 1}
     assert (out / "model.ptd").stat().st_size > (out / "model.pte").stat().st_size  # weights live in the .ptd
@@ -202,9 +205,8 @@ def test_rejects_other_bases_and_bad_positions(exported, session, tmp_path):
 def test_quantised_exports_match_torchao(exported, tmp_path, quant):
     """The program computes torchao's quantised model (XNNPACK's kernels round a little differently),
     the fp32 export's packed adapter fits it, and the files are smaller."""
-    from ondevice_lora.exporters.executorch import prepare, quantize_base
+    from ondevice_lora.exporters.executorch import SlotInputs, prepare, quantize_base
     from ondevice_lora.formats.slots import SlotSpec
-    from ondevice_lora.models.slots import SlottedModel
 
     base_dir, out, manifest, packed = exported
     export(str(base_dir), "executorch", tmp_path / quant, quant=quant, max_rank=8, max_seq_len=MAX_SEQ, say=quiet)
@@ -214,13 +216,13 @@ def test_quantised_exports_match_torchao(exported, tmp_path, quant):
     size = lambda d: (d / "model.pte").stat().st_size + (d / "model.ptd").stat().st_size  # noqa: E731
     assert size(tmp_path / quant) < 0.8 * size(out)  # the tiny model's files are mostly program, not weights
 
-    eager = SlottedModel(quantize_base(prepare(load_base(str(base_dir)).model, MAX_SEQ), quant),
-                         SlotSpec.from_dict(manifest["slots"]))
+    spec = SlotSpec.from_dict(manifest["slots"])
+    eager = SlotInputs(quantize_base(prepare(load_base(str(base_dir)).model, MAX_SEQ, spec), quant))
     tokens = torch.arange(40, 52)[None]
     for adapter in (None, qsession.load_adapter(packed["A"][1])):
         slots = adapter or qsession._zeros
         with torch.no_grad():
-            want = eager(tokens, torch.arange(12), *slots.values())
+            want = eager(tokens, torch.arange(12), *qsession.slot_inputs(slots))
         got = qsession.forward(tokens, 0, adapter)
         assert torch.corrcoef(torch.stack([want.flatten(), got.flatten()]))[0, 1] > 0.99
 

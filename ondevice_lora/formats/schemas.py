@@ -226,8 +226,8 @@ class CacheLayout(Schema):
     in_place: bool = False  # present may share past's buffer (GroupQueryAttention updates it there)
 
 
-class OnnxSlotGroup(Schema):
-    """How one group's slot inputs map onto its fused output (`exporters/onnx_slots.py`)."""
+class SlotFeedGroup(Schema):
+    """How one group's slot inputs map onto its fused output (`exporters/projections.py`)."""
 
     width: Count  # the group's fused output columns (q|k|v, gate|up, ...)
     columns: dict[str, Index]  # each slotted member's first column, in AT/BT order
@@ -238,7 +238,7 @@ class OnnxFields(Schema):
     inputs: list[OnnxInput]
     slot_inputs: list[str]
     cache_layout: CacheLayout
-    slot_feed: Optional[dict[str, OnnxSlotGroup]] = None  # absent: fixed-rank lora_A_<group>.<layer> inputs
+    slot_feed: Optional[dict[str, SlotFeedGroup]] = None  # absent: fixed-rank lora_A_<group>.<layer> inputs
 
 
 class ExecutorchMethods(Schema):
@@ -251,6 +251,7 @@ class ExecutorchFields(Schema):
     data: Optional[ExportPath] = None  # absent: the weights are inside the program (a delegate's own blob)
     methods: ExecutorchMethods
     backend: str = "xnnpack"  # the delegate it was lowered to (exporters/executorch_delegates.py)
+    slot_feed: Optional[dict[str, SlotFeedGroup]] = None  # absent: per-layer lora_A_<group>.<layer> inputs
 
 
 class CoremlArray(Schema):

@@ -20,16 +20,25 @@ using executorch::extension::TensorPtr;
 using executorch::runtime::EValue;
 
 struct Engine::LoadedSlots {
-  SlotTensors tensors;
-  std::vector<TensorPtr> inputs;  // one per (slot, layer), viewing `tensors` without a copy
+  SlotTensors tensors;                         // an older export's inputs view these per layer
+  std::vector<std::vector<float>> fused;       // the fused layout's inputs, built once: a swap is a lookup
+  std::vector<TensorPtr> inputs;               // one per program slot input, in its order
 
   LoadedSlots(SlotTensors t, const SlotSpec& spec, const std::vector<std::pair<std::string, int64_t>>& order)
       : tensors(std::move(t)) {
+    fused.reserve(order.size());
     for (const auto& [name, layer] : order) {
-      const auto& s = spec.shape.at(name);
-      float* layer_data = tensors.data.at(name).data() + layer * s[1] * s[2];
-      inputs.push_back(from_blob(layer_data, {int(s[1]), int(s[2])}, ScalarType::Float));
+      if (spec.fused()) {
+        std::vector<int64_t> shape;
+        fused.push_back(transposed_input(tensors, spec, name, layer, shape));
+        inputs.push_back(from_blob(fused.back().data(), {1, int(shape[0]), int(shape[1])}, ScalarType::Float));
+      } else {
+        const auto& s = spec.shape.at(name);
+        float* layer_data = tensors.data.at(name).data() + layer * s[1] * s[2];
+        inputs.push_back(from_blob(layer_data, {int(s[1]), int(s[2])}, ScalarType::Float));
+      }
     }
+    if (spec.fused()) tensors.data.clear();  // not held twice
   }
 };
 
@@ -89,7 +98,7 @@ Engine::Engine(const std::string& bundle_path) : bundle_(open_bundle(bundle_path
     throw Error(bundle_path + ": a " + bundle_.target + " bundle; the native runtime runs ExecuTorch bundles");
   const Json& info = bundle_.export_info;
   const Json& et = info.at("executorch");
-  spec_ = SlotSpec::from_json(info.at("slots"));
+  spec_ = SlotSpec::from_json(info.at("slots"), et.value("slot_feed", Json()));
   for (const auto& name : et.at("inputs")) {
     const std::string input = name.get<std::string>();
     if (input != "tokens" && input != "input_pos") slot_inputs_.push_back(split_input(input));

@@ -1,5 +1,6 @@
 #include "slots.hpp"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -8,7 +9,7 @@
 
 namespace odlora {
 
-SlotSpec SlotSpec::from_json(const Json& slots) {
+SlotSpec SlotSpec::from_json(const Json& slots, const Json& slot_feed) {
   SlotSpec spec;
   spec.max_rank = slots.at("max_rank").get<int>();
   spec.n_layers = slots.at("n_layers").get<int>();
@@ -16,7 +17,55 @@ SlotSpec SlotSpec::from_json(const Json& slots) {
     spec.names.push_back(name);
     spec.shape[name] = shape.get<std::vector<int64_t>>();
   }
+  spec.targets = slots.at("targets").get<std::vector<std::string>>();
+  for (const auto& [projection, in_out] : slots.at("features").items())
+    spec.features[projection] = in_out.get<std::vector<int64_t>>();
+  if (!slot_feed.is_null()) {
+    for (const auto& [group, feed] : slot_feed.items()) {
+      spec.feed_width[group] = feed.at("width").get<int64_t>();
+      for (const auto& [member, column] : feed.at("columns").items()) spec.feed_columns[group][member] = column.get<int64_t>();
+    }
+  }
   return spec;
+}
+
+std::vector<std::string> SlotSpec::members(const std::string& group) const {
+  static const std::map<std::string, std::vector<std::string>> groups = {
+      {"qkv", {"q_proj", "k_proj", "v_proj"}}, {"o", {"o_proj"}}, {"gate_up", {"gate_proj", "up_proj"}},
+      {"down", {"down_proj"}}};
+  std::vector<std::string> present;
+  for (const auto& m : groups.at(group))
+    if (std::find(targets.begin(), targets.end(), m) != targets.end()) present.push_back(m);
+  return present;
+}
+
+std::vector<float> transposed_input(const SlotTensors& t, const SlotSpec& spec, const std::string& name, int64_t layer,
+                                    std::vector<int64_t>& shape) {
+  const bool is_a = name.rfind("lora_AT_", 0) == 0;
+  if (!is_a && name.rfind("lora_BT_", 0) != 0) throw Error("unknown slot input '" + name + "'");
+  const std::string group = name.substr(8);
+  const std::vector<std::string> members = spec.members(group);
+  const int64_t R = spec.max_rank, m = int64_t(members.size());
+  const auto& a_shape = spec.shape.at("lora_A_" + group);  // (L, m·R, in)
+  const auto& b_shape = spec.shape.at("lora_B_" + group);  // (L, Σout, R)
+  const float* A = t.data.at("lora_A_" + group).data() + layer * a_shape[1] * a_shape[2];
+  const float* B = t.data.at("lora_B_" + group).data() + layer * b_shape[1] * b_shape[2];
+  const int64_t in = a_shape[2], width = spec.feed_width.at(group);
+  shape = is_a ? std::vector<int64_t>{in, m * R} : std::vector<int64_t>{m * R, width};
+  std::vector<float> out(shape[0] * shape[1], 0.0f);
+  int64_t row = 0;  // the member's first row of B
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t out_features = spec.features.at(members[j])[1], column = spec.feed_columns.at(group).at(members[j]);
+    for (int64_t r = 0; r < R; ++r) {
+      if (is_a) {
+        for (int64_t i = 0; i < in; ++i) out[i * m * R + j * R + r] = A[(j * R + r) * in + i];
+      } else {
+        for (int64_t o = 0; o < out_features; ++o) out[(j * R + r) * width + column + o] = B[(row + o) * R + r];
+      }
+    }
+    row += out_features;
+  }
+  return out;
 }
 
 SlotTensors SlotTensors::zeros(const SlotSpec& spec) {
