@@ -178,11 +178,12 @@ REWRITES = [replace_attention, replace_mlp, replace_rms_norm]
 
 class CachedDecoder(nn.Module):
     """`forward(tokens, input_pos) -> logits` over the rewritten layers: RoPE tables and the
-    two attention masks are computed once per call, not once per layer."""
+    two attention masks are computed once per call, not once per layer. `projections` are the
+    layers' fused projections by group (`projections.fuse_projections`), where slot inputs go."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, projections: list[dict]):
         super().__init__()
-        self.args = model.args
+        self.args, self.projections = model.args, projections
         self.model, self.lm_head = model.model, model.lm_head
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
@@ -211,9 +212,7 @@ def prepare(model: nn.Module, max_seq_len: int, spec: Optional[SlotSpec]) -> Cac
     projections = fuse_projections(model, spec)
     for rewrite in REWRITES:  # each in place
         rewrite(model)
-    decoder = CachedDecoder(model).eval()
-    decoder.projections = projections
-    return decoder
+    return CachedDecoder(model, projections).eval()
 
 
 class SlotInputs(nn.Module):
